@@ -1,0 +1,70 @@
+"""Which task names the gateway accepts, and whether arguments fit them."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from service.errors import ArgumentsDoNotBind, UnknownTask
+
+
+class Catalog:
+    """Task names the gateway may send, with their signatures where known."""
+
+    def __init__(self, signatures: Mapping[str, inspect.Signature | None]) -> None:
+        self._signatures = dict(signatures)
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> Catalog:
+        """A catalog of names for workers built elsewhere: arguments are not checked."""
+        return cls({name: None for name in names if name})
+
+    @classmethod
+    def from_app(cls, spec: str) -> Catalog:
+        """The tasks registered in the Celery app ``module:attribute``, without ``celery.*``."""
+        module_name, _, attribute = spec.partition(":")
+        app = getattr(importlib.import_module(module_name), attribute or "app")
+        app.loader.import_default_modules()
+        signatures: dict[str, inspect.Signature | None] = {}
+        for name, task in app.tasks.items():
+            if name.startswith("celery."):
+                continue
+            try:
+                signatures[name] = inspect.signature(task.run)
+            except (TypeError, ValueError):
+                signatures[name] = None
+        return cls(signatures)
+
+    @property
+    def names(self) -> list[str]:
+        """The accepted task names, sorted."""
+        return sorted(self._signatures)
+
+    def check(self, task_name: str, args: list[Any], kwargs: Mapping[str, Any]) -> None:
+        """Raise unless ``task_name`` is known and ``args``/``kwargs`` bind to its signature."""
+        if task_name not in self._signatures:
+            raise UnknownTask(
+                f"task_name {task_name!r} is not in this gateway's catalog; known tasks: "
+                + ", ".join(self.names[:20])
+                + (" …" if len(self._signatures) > 20 else "")
+            )
+        signature = self._signatures[task_name]
+        if signature is None:
+            return
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ArgumentsDoNotBind(
+                f"arguments do not fit {task_name}{signature_text(signature)}: {exc}"
+            ) from None
+
+
+def signature_text(signature: inspect.Signature) -> str:
+    """A signature without its annotations, as a caller in any language reads it."""
+    plain = signature.replace(
+        parameters=[p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()],
+        return_annotation=inspect.Signature.empty,
+    )
+    return str(plain)

@@ -1,0 +1,54 @@
+"""The ``taskgate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from service.config import Settings
+from service.schema import SchemaNotCurrent, upgrade
+
+log = logging.getLogger("taskgate")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _serve(settings: Settings) -> int:
+    from service.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except SchemaNotCurrent as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    upgrade(settings.database_url)
+    log.info("database schema is current")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``taskgate`` console script."""
+    parser = argparse.ArgumentParser(prog="taskgate", description="gRPC front door to Celery")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server (needs a migrated database)")
+    commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    _setup_logging(settings.log_level)
+    handlers = {"serve": _serve, "migrate": _migrate}
+    return handlers[args.command](settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

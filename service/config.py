@@ -1,0 +1,55 @@
+"""Settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from workers.config import CelerySettings
+
+
+def _env(name: str, field: str) -> AliasChoices:
+    return AliasChoices(name, field)
+
+
+class Settings(CelerySettings):
+    """Everything the gateway reads from the environment (plus the Celery settings)."""
+
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432/taskgate",
+        validation_alias=_env("DATABASE_URL", "database_url"),
+    )
+    #: host:port the gRPC server listens on; port 0 picks a free one.
+    listen: str = Field("127.0.0.1:50051", validation_alias=_env("TASKGATE_LISTEN", "listen"))
+    #: Comma-separated task names to accept instead of the workers app's tasks.
+    tasks: str = Field("", validation_alias=_env("TASKGATE_TASKS", "tasks"))
+    #: The Celery app (``module:attribute``) whose registered tasks form the catalog.
+    workers_app: str = Field("workers:app", validation_alias=_env("TASKGATE_WORKERS_APP", "workers_app"))
+    #: Seconds: EnqueueAt tasks due later than this stay in the database until shortly before.
+    schedule_horizon: float = Field(
+        300.0, gt=0, validation_alias=_env("TASKGATE_SCHEDULE_HORIZON", "schedule_horizon")
+    )
+    #: Seconds: how far ahead a run_time may be (365 days by default).
+    max_schedule: float = Field(
+        365 * 86400.0, gt=0, validation_alias=_env("TASKGATE_MAX_SCHEDULE", "max_schedule")
+    )
+    #: Seconds between polls of the outbox for due or unpublished tasks.
+    outbox_poll_interval: float = Field(
+        0.5, gt=0, validation_alias=_env("TASKGATE_OUTBOX_POLL_INTERVAL", "outbox_poll_interval")
+    )
+    #: Seconds between reconcile passes that re-read unfinished tasks from Redis.
+    reconcile_interval: float = Field(
+        30.0, gt=0, validation_alias=_env("TASKGATE_RECONCILE_INTERVAL", "reconcile_interval")
+    )
+    #: Database connection pool size.
+    db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
+    #: Seconds in-flight calls get to finish on SIGTERM.
+    shutdown_grace: float = Field(10.0, ge=0, validation_alias=_env("TASKGATE_SHUTDOWN_GRACE", "shutdown_grace"))
+    #: Seconds between health checks of the database and the broker.
+    health_interval: float = Field(5.0, gt=0, validation_alias=_env("TASKGATE_HEALTH_INTERVAL", "health_interval"))
+    #: Logging level name.
+    log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
+
+    @property
+    def task_names(self) -> list[str]:
+        """The explicit catalog from TASKGATE_TASKS; empty means use the workers app."""
+        return [name.strip() for name in self.tasks.split(",") if name.strip()]

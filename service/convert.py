@@ -1,0 +1,208 @@
+"""Protobuf messages to domain objects and back. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import decimal
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from service.domain import Progress, TaskRecord, TaskSpec, TaskState
+from service.errors import InvalidRequest
+from taskgate.v1 import task_service_pb2 as pb
+
+MAX_NAME_LENGTH = 255
+_MAX_SAFE_INT = 2**53
+
+
+class _TaskRequest(Protocol):
+    """The fields EnqueueRequest and EnqueueAtRequest share."""
+
+    task_name: str
+    args: struct_pb2.ListValue
+    kwargs: struct_pb2.Struct
+    queue: str
+    request_id: str
+    priority: int
+    expire_time: timestamp_pb2.Timestamp
+    headers: Any
+
+    def HasField(self, field_name: Any) -> bool: ...  # noqa: N802 - protobuf's name
+
+
+# --- times ---------------------------------------------------------------------------
+
+
+def to_datetime(ts: timestamp_pb2.Timestamp) -> dt.datetime:
+    """A Timestamp as an aware UTC datetime."""
+    return ts.ToDatetime(tzinfo=dt.UTC)
+
+
+def to_timestamp(moment: dt.datetime) -> timestamp_pb2.Timestamp:
+    """An aware datetime as a Timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+# --- free-form values ------------------------------------------------------------------
+
+
+def _ints_back(value: Any) -> Any:
+    """JSON numbers arrive as doubles; give integral ones back to Python as ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INT:
+        return int(value)
+    if isinstance(value, list):
+        return [_ints_back(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _ints_back(v) for k, v in value.items()}
+    return value
+
+
+def from_list_value(value: struct_pb2.ListValue) -> list[Any]:
+    """A ListValue as a Python list, integral numbers as ints."""
+    return [_ints_back(json_format.MessageToDict(v)) for v in value.values]
+
+
+def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a Python dict, integral numbers as ints."""
+    result: dict[str, Any] = _ints_back(json_format.MessageToDict(value))
+    return result
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with everything JSON has no type for turned into strings or lists."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    return repr(value)
+
+
+def to_value(value: Any) -> struct_pb2.Value:
+    """Any Python value as a protobuf Value (see ``jsonable``)."""
+    return json_format.ParseDict(jsonable(value), struct_pb2.Value())
+
+
+def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A mapping as a protobuf Struct (see ``jsonable``)."""
+    return json_format.ParseDict(jsonable(value), struct_pb2.Struct())
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+def _check_name(field: str, value: str, *, required: bool) -> str:
+    if required and not value:
+        raise InvalidRequest(f"{field} is required")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"{field} is longer than {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def _common_fields(request: _TaskRequest) -> dict[str, Any]:
+    priority: int | None = None
+    if request.HasField("priority"):
+        priority = request.priority
+        if not 0 <= priority <= 9:
+            raise InvalidRequest(f"priority must be between 0 and 9, got {priority}")
+    expire_time = to_datetime(request.expire_time) if request.HasField("expire_time") else None
+    return {
+        "task_name": _check_name("task_name", request.task_name, required=True),
+        "args": from_list_value(request.args),
+        "kwargs": from_struct(request.kwargs),
+        "queue": _check_name("queue", request.queue, required=False),
+        "request_id": _check_name("request_id", request.request_id, required=False),
+        "priority": priority,
+        "expire_time": expire_time,
+        "headers": dict(request.headers),
+    }
+
+
+def enqueue_spec(request: pb.EnqueueRequest) -> TaskSpec:
+    """Decode an EnqueueRequest; InvalidRequest names the field that is wrong."""
+    countdown: float | None = None
+    if request.HasField("countdown"):
+        countdown = request.countdown.ToTimedelta().total_seconds()
+        if countdown < 0:
+            raise InvalidRequest("countdown must not be negative")
+    return TaskSpec(countdown=countdown, **_common_fields(request))
+
+
+def enqueue_at_spec(request: pb.EnqueueAtRequest) -> TaskSpec:
+    """Decode an EnqueueAtRequest; a missing run_time is InvalidRequest."""
+    if not request.HasField("run_time"):
+        raise InvalidRequest("run_time is required for EnqueueAt (use Enqueue to run at once)")
+    spec = TaskSpec(run_time=to_datetime(request.run_time), **_common_fields(request))
+    if spec.expire_time is not None and spec.run_time is not None:
+        if spec.expire_time <= spec.run_time:
+            raise InvalidRequest("expire_time must be after run_time")
+    return spec
+
+
+def task_id_of(request: pb.GetStatusRequest | pb.StreamProgressRequest) -> str:
+    """The task id a request names; an empty one is InvalidRequest."""
+    if not request.task_id:
+        raise InvalidRequest("task_id is required")
+    if len(request.task_id) > MAX_NAME_LENGTH:
+        raise InvalidRequest(f"task_id is longer than {MAX_NAME_LENGTH} characters")
+    return request.task_id
+
+
+# --- responses --------------------------------------------------------------------------
+
+
+def state_to_proto(state: TaskState) -> pb.TaskState.ValueType:
+    """A domain state as the proto enum value."""
+    return pb.TaskState.Value(f"TASK_STATE_{state.value}")
+
+
+def _progress_to_proto(progress: Progress) -> pb.Progress:
+    return pb.Progress(
+        current=progress.current,
+        total=progress.total,
+        message=progress.message,
+        details=to_struct(progress.details),
+    )
+
+
+def task_to_proto(record: TaskRecord) -> pb.Task:
+    """A task record as the proto Task."""
+    task = pb.Task(
+        task_id=record.task_id,
+        task_name=record.task_name,
+        state=state_to_proto(record.state),
+        retries=record.retries,
+        queue=record.queue,
+        request_id=record.request_id,
+        create_time=to_timestamp(record.create_time),
+        run_time=to_timestamp(record.run_time),
+        update_time=to_timestamp(record.update_time),
+    )
+    if record.progress is not None:
+        task.progress.CopyFrom(_progress_to_proto(record.progress))
+    if record.state is TaskState.SUCCEEDED:
+        task.result.CopyFrom(to_value(record.result))
+    if record.error is not None:
+        task.error.CopyFrom(pb.TaskError(**dataclasses.asdict(record.error)))
+    if record.start_time is not None:
+        task.start_time.CopyFrom(to_timestamp(record.start_time))
+    if record.end_time is not None:
+        task.end_time.CopyFrom(to_timestamp(record.end_time))
+    return task

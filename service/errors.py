@@ -1,0 +1,134 @@
+"""The error tree, and the one place that turns errors into gRPC statuses.
+
+::
+
+    TaskgateError
+    ├── InvalidRequest           INVALID_ARGUMENT  the request is malformed; fix it, do not retry
+    │   ├── UnknownTask          INVALID_ARGUMENT  task_name is not in the catalog
+    │   └── ArgumentsDoNotBind   INVALID_ARGUMENT  args/kwargs do not fit the task's signature
+    ├── TaskNotFound             NOT_FOUND         no task with that id was enqueued here
+    ├── RequestIdConflict        ALREADY_EXISTS    request_id reused with a different request
+    └── Unavailable              UNAVAILABLE       a dependency is down; retry with backoff
+        ├── DatabaseUnavailable
+        ├── BrokerUnavailable
+        └── ShuttingDown
+
+Anything else is a bug: the caller gets INTERNAL with a fixed message and the log gets the
+traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+class TaskgateError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(TaskgateError):
+    """The request is malformed; the message says which field and why."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownTask(InvalidRequest):
+    """The task name is not in the gateway's catalog."""
+
+
+class ArgumentsDoNotBind(InvalidRequest):
+    """The arguments do not fit the task's signature."""
+
+
+class TaskNotFound(TaskgateError):
+    """No task with this id was enqueued through the gateway."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class RequestIdConflict(TaskgateError):
+    """The request_id was used before with a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unavailable(TaskgateError):
+    """A dependency is unreachable; the caller may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DatabaseUnavailable(Unavailable):
+    """PostgreSQL (or the configured database) cannot be reached."""
+
+
+class BrokerUnavailable(Unavailable):
+    """The Celery broker cannot be reached."""
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping; call again (another replica, or this one once restarted)."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message a caller sees for ``exc``."""
+    if isinstance(exc, TaskgateError):
+        return exc.code, str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=exc)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    await context.abort(code, message)
+
+
+def grpc_errors(method: F) -> F:
+    """Decorate a servicer method (unary or server-streaming) with the error mapping.
+
+    ``asyncio.CancelledError`` and gRPC's own abort pass through untouched.
+    """
+    name = method.__name__
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the boundary
+                await _abort(context, exc, name)
+
+        return cast(F, stream)
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary
+            await _abort(context, exc, name)
+
+    return cast(F, unary)

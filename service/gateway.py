@@ -1,0 +1,200 @@
+"""The use cases: enqueue a task, read it, watch it. No gRPC, SQL or Celery here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from service.catalog import Catalog
+from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
+from service.errors import InvalidRequest, ShuttingDown, TaskNotFound, Unavailable
+from service.outbox import Outbox
+from service.progress import ProgressHub, Signal
+from service.recorder import Recorder
+from service.store import TaskStore
+
+log = logging.getLogger(__name__)
+
+#: A far-future task is published this long before its run_time (with a Celery eta).
+DISPATCH_LEAD = dt.timedelta(seconds=2)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The answer to an enqueue."""
+
+    task_id: str
+    state: TaskState
+    deduplicated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Scheduling limits."""
+
+    schedule_horizon: dt.timedelta = dt.timedelta(seconds=300)
+    max_schedule: dt.timedelta = dt.timedelta(days=365)
+    #: Seconds a stream waits for news before re-reading the task anyway.
+    watch_recheck: float = 15.0
+
+
+class Gateway:
+    """Enqueues, reads and watches tasks."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        catalog: Catalog,
+        outbox: Outbox,
+        hub: ProgressHub,
+        recorder: Recorder,
+        limits: Limits | None = None,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._outbox = outbox
+        self._hub = hub
+        self._recorder = recorder
+        self._limits = limits or Limits()
+
+    async def enqueue(self, spec: TaskSpec, caller: str = "") -> Accepted:
+        """Validate, record durably, and hand to the outbox.
+
+        Raises:
+            InvalidRequest: unknown task, arguments that do not bind, times out of range.
+            RequestIdConflict: request_id reused for another request.
+            DatabaseUnavailable: nothing was recorded.
+        """
+        self._catalog.check(spec.task_name, spec.args, spec.kwargs)
+        now = dt.datetime.now(dt.UTC)
+        run_time = self._run_time(spec, now)
+        if spec.expire_time is not None and spec.expire_time <= max(now, run_time):
+            raise InvalidRequest("expire_time must be in the future and after the run time")
+        state = TaskState.SCHEDULED if run_time > now else TaskState.QUEUED
+        record = TaskRecord(
+            task_id=str(uuid.uuid4()),
+            task_name=spec.task_name,
+            state=state,
+            queue=spec.queue,
+            request_id=spec.request_id,
+            caller=caller,
+            create_time=now,
+            run_time=run_time,
+            update_time=now,
+        )
+        delivery = Delivery(
+            task_id=record.task_id,
+            task_name=spec.task_name,
+            args=spec.args,
+            kwargs=spec.kwargs,
+            run_time=run_time,
+            queue=spec.queue,
+            priority=spec.priority,
+            expire_time=spec.expire_time,
+            headers=spec.headers,
+        )
+        held = run_time - now > self._limits.schedule_horizon
+        publish_after = run_time - DISPATCH_LEAD if held else now + self._outbox.lease
+        stored, created = await self._store.insert(
+            record, delivery, fingerprint=spec.fingerprint(), publish_after=publish_after
+        )
+        if not created:
+            log.info("task_id=%s request_id=%s deduplicated", stored.task_id, spec.request_id)
+            return Accepted(stored.task_id, stored.as_of(now).state, deduplicated=True)
+        if not held:
+            self._outbox.submit(delivery)
+        log.info(
+            "task_id=%s request_id=%s task_name=%s caller=%s accepted (%s)",
+            record.task_id, spec.request_id, spec.task_name, caller, "held" if held else state.value,
+        )
+        return Accepted(record.task_id, state, deduplicated=False)
+
+    def _run_time(self, spec: TaskSpec, now: dt.datetime) -> dt.datetime:
+        if spec.run_time is not None:
+            run_time = max(spec.run_time, now)
+        elif spec.countdown:
+            run_time = now + dt.timedelta(seconds=spec.countdown)
+        else:
+            return now
+        if run_time - now > self._limits.max_schedule:
+            days = self._limits.max_schedule.total_seconds() / 86400
+            raise InvalidRequest(f"the run time is more than {days:g} days away (the server's maximum)")
+        return run_time
+
+    async def get(self, task_id: str, caller: str = "") -> TaskRecord:
+        """The task as it is now: the database's record, brought up to date from Redis.
+
+        Raises:
+            TaskNotFound: no such task was enqueued here.
+        """
+        record = await self._load(task_id, caller)
+        record = await self._refresh(record)
+        return record.as_of(dt.datetime.now(dt.UTC))
+
+    async def watch(self, task_id: str, caller: str = "") -> AsyncIterator[TaskRecord]:
+        """The task's current snapshot, then each change, ending after a terminal state.
+
+        Raises:
+            TaskNotFound: no such task was enqueued here.
+            ShuttingDown: the server is stopping.
+        """
+        record = await self._load(task_id, caller)
+        async with self._hub.watch(task_id) as inbox:
+            # registered before the snapshot is read: nothing can fall in between
+            record = await self._refresh(record)
+            last = record.as_of(dt.datetime.now(dt.UTC))
+            yield last
+            while not last.state.terminal:
+                item = await inbox.get(timeout=self._wait_time(last))
+                if item is Signal.SHUTDOWN:
+                    raise ShuttingDown("the server is shutting down; call StreamProgress again")
+                if item is None or item is Signal.RESYNC:
+                    record = await self._reload(record)
+                else:
+                    record = apply_update(record, item)
+                current = record.as_of(dt.datetime.now(dt.UTC))
+                if current != last:
+                    yield current
+                    last = current
+
+    def _wait_time(self, record: TaskRecord) -> float:
+        wait = self._limits.watch_recheck
+        if record.state is TaskState.SCHEDULED:
+            due = (record.run_time - dt.datetime.now(dt.UTC)).total_seconds()
+            wait = min(wait, max(due, 0.0) + 0.01)
+        return wait
+
+    async def _load(self, task_id: str, caller: str) -> TaskRecord:
+        record = await self._store.get(task_id)
+        if record is None:
+            raise TaskNotFound(f"no task with id {task_id!r} was enqueued through this gateway")
+        return record
+
+    async def _refresh(self, record: TaskRecord) -> TaskRecord:
+        """Apply Redis's latest state (and queue it for recording); Redis down is not an error."""
+        if record.state.terminal:
+            return record
+        try:
+            update = await self._hub.snapshot(record.task_id)
+        except (RedisError, OSError) as exc:
+            log.debug("task_id=%s: Redis unreachable, answering from the database: %r", record.task_id, exc)
+            return record
+        if update is None:
+            return record
+        self._recorder.record(update)
+        return apply_update(record, update)
+
+    async def _reload(self, record: TaskRecord) -> TaskRecord:
+        """Re-read the task: a terminal state in the database wins, else Redis's latest."""
+        try:
+            fresh = await self._store.get(record.task_id)
+        except Unavailable:
+            fresh = None
+        if fresh is not None and fresh.state.terminal:
+            return fresh
+        return await self._refresh(record)

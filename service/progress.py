@@ -1,0 +1,199 @@
+"""One shared Redis subscription per process, fanned out to every watcher.
+
+The hub PSUBSCRIBEs once to ``<prefix>celery-task-meta-*`` (the channels the result backend
+publishes every state on). Each message is decoded once and handed to the recorder (so
+every state reaches the database, watched or not) and to the inboxes of the streams that
+watch that task. A stream costs an inbox, not a Redis connection. After every
+(re)subscribe, each inbox gets ``RESYNC`` so its stream re-reads the task: anything
+published while the subscription was down is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.celery_meta import parse_payload
+from service.domain import TaskUpdate
+
+log = logging.getLogger(__name__)
+
+
+class Signal(enum.Enum):
+    """Inbox items that are not updates."""
+
+    RESYNC = "resync"  # the subscription was (re)established: re-read the task
+    SHUTDOWN = "shutdown"  # the server is stopping: end the stream
+
+
+class Inbox:
+    """A stream's mailbox. Bounded: when full the oldest item goes (every update carries
+    the whole state, so the newest is all a slow reader needs)."""
+
+    __slots__ = ("_event", "_items")
+
+    def __init__(self, size: int = 32) -> None:
+        self._items: collections.deque[TaskUpdate | Signal] = collections.deque(maxlen=size)
+        self._event = asyncio.Event()
+
+    def put(self, item: TaskUpdate | Signal) -> None:
+        """Add an item; never blocks."""
+        self._items.append(item)
+        self._event.set()
+
+    async def get(self, timeout: float) -> TaskUpdate | Signal | None:
+        """The next item, or None after ``timeout`` seconds without one."""
+        if not self._items:
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                return None
+        return self._items.popleft()
+
+
+class ProgressHub:
+    """The process's subscription to task updates, and its Redis client for snapshots."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        meta_prefix: str,
+        on_update: Callable[[TaskUpdate], None],
+        *,
+        max_connections: int = 4,
+    ) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=5)
+        self._client = aioredis.Redis(connection_pool=pool)
+        self._subscriber = aioredis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=15)
+        self._prefix = meta_prefix
+        self._on_update = on_update
+        self._on_resubscribe: list[Callable[[], None]] = []
+        self._inboxes: dict[str, set[Inbox]] = {}
+        self._ready = asyncio.Event()
+        self._closing = False
+
+    @property
+    def ready(self) -> bool:
+        """True while the subscription is established."""
+        return self._ready.is_set()
+
+    @property
+    def watcher_count(self) -> int:
+        """How many inboxes are registered (for tests and metrics)."""
+        return sum(len(boxes) for boxes in self._inboxes.values())
+
+    def on_resubscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every (re)subscribe."""
+        self._on_resubscribe.append(callback)
+
+    async def run(self) -> None:
+        """Keep the subscription up until cancelled, reconnecting with backoff."""
+        backoff = 0.2
+        while True:
+            try:
+                await self._listen()
+            except (RedisError, OSError) as exc:
+                self._ready.clear()
+                log.warning("progress subscription lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.2
+
+    async def _listen(self) -> None:
+        pubsub = self._subscriber.pubsub()
+        try:
+            await pubsub.psubscribe(f"{self._prefix}*")
+            async for message in pubsub.listen():
+                kind = message.get("type")
+                if kind == "psubscribe":
+                    self._subscribed()
+                elif kind == "pmessage":
+                    self._dispatch(message["channel"], message["data"])
+        finally:
+            self._ready.clear()
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    def _subscribed(self) -> None:
+        self._ready.set()
+        log.info("progress subscription up (%d watchers)", self.watcher_count)
+        for boxes in self._inboxes.values():
+            for inbox in boxes:
+                inbox.put(Signal.RESYNC)
+        for callback in self._on_resubscribe:
+            callback()
+
+    def _dispatch(self, channel: bytes | str, data: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        task_id = name[len(self._prefix) :]
+        update = parse_payload(task_id, data, dt.datetime.now(dt.UTC))
+        if update is None:
+            return
+        self._on_update(update)
+        for inbox in self._inboxes.get(task_id, ()):
+            inbox.put(update)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Inbox]:
+        """Register an inbox for ``task_id`` for the duration of the block."""
+        inbox = Inbox()
+        if self._closing:
+            inbox.put(Signal.SHUTDOWN)
+        self._inboxes.setdefault(task_id, set()).add(inbox)
+        try:
+            yield inbox
+        finally:
+            boxes = self._inboxes.get(task_id)
+            if boxes is not None:
+                boxes.discard(inbox)
+                if not boxes:
+                    del self._inboxes[task_id]
+
+    async def snapshot(self, task_id: str) -> TaskUpdate | None:
+        """The latest stored state of ``task_id`` in Redis, or None if it has no key.
+
+        Raises:
+            RedisError, OSError: Redis is unreachable.
+        """
+        payload = await self._client.get(f"{self._prefix}{task_id}")
+        if payload is None:
+            return None
+        return parse_payload(task_id, payload, dt.datetime.now(dt.UTC))
+
+    async def snapshots(self, task_ids: Sequence[str]) -> list[TaskUpdate]:
+        """The latest stored states of several tasks (one MGET); missing keys are skipped."""
+        if not task_ids:
+            return []
+        payloads = await self._client.mget([f"{self._prefix}{task_id}" for task_id in task_ids])
+        now = dt.datetime.now(dt.UTC)
+        updates = []
+        for task_id, payload in zip(task_ids, payloads, strict=True):
+            if payload is not None and (update := parse_payload(task_id, payload, now)) is not None:
+                updates.append(update)
+        return updates
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers."""
+        await self._client.ping()
+
+    def begin_shutdown(self) -> None:
+        """End every stream (they answer UNAVAILABLE so callers reconnect elsewhere)."""
+        self._closing = True
+        for boxes in self._inboxes.values():
+            for inbox in boxes:
+                inbox.put(Signal.SHUTDOWN)
+
+    async def close(self) -> None:
+        """Release the Redis connections."""
+        await self._client.aclose()
+        await self._subscriber.aclose()

@@ -1,0 +1,102 @@
+"""Writes every observed state change to the database, watched or not.
+
+Updates from the shared subscription are coalesced per task and written in batches, so a
+burst of progress reports costs one UPDATE per task per flush. Pub/sub drops what is
+published while nobody listens, so a reconcile pass also re-reads the Redis state of every
+unfinished task after each (re)subscribe and every ``reconcile_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from redis.exceptions import RedisError
+
+from service.domain import TaskUpdate, merge_updates
+from service.errors import Unavailable
+from service.store import TaskStore
+
+if TYPE_CHECKING:
+    from service.progress import ProgressHub
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Coalesces task updates and writes them to the store."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        *,
+        flush_interval: float = 0.05,
+        batch_size: int = 500,
+        reconcile_interval: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._flush_interval = flush_interval
+        self._batch_size = batch_size
+        self._reconcile_interval = reconcile_interval
+        self._pending: dict[str, TaskUpdate] = {}
+        self._wake = asyncio.Event()
+        self._reconcile_now = asyncio.Event()
+
+    def record(self, update: TaskUpdate) -> None:
+        """Queue an update for writing; never blocks."""
+        older = self._pending.get(update.task_id)
+        self._pending[update.task_id] = update if older is None else merge_updates(older, update)
+        self._wake.set()
+
+    def request_reconcile(self) -> None:
+        """Re-read every unfinished task from Redis soon."""
+        self._reconcile_now.set()
+
+    async def run(self) -> None:
+        """Write updates until cancelled."""
+        backoff = 0.0
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._flush_interval + backoff)
+            try:
+                await self.flush()
+                backoff = 0.0
+            except Unavailable:
+                backoff = min(max(backoff * 2, 0.5), 5.0)
+                log.warning("recorder paused %.1fs: database unavailable (%d pending)", backoff, len(self._pending))
+
+    async def flush(self) -> None:
+        """Write everything pending now."""
+        while self._pending:
+            ids = list(self._pending)[: self._batch_size]
+            batch = [self._pending.pop(task_id) for task_id in ids]
+            try:
+                await self._store.apply_updates(batch)
+            except BaseException:
+                for update in batch:
+                    newer = self._pending.get(update.task_id)
+                    self._pending[update.task_id] = update if newer is None else merge_updates(update, newer)
+                raise
+        self._wake.clear()
+
+    async def reconcile_loop(self, hub: ProgressHub) -> None:
+        """Re-read unfinished tasks from Redis on request and every reconcile interval."""
+        while True:
+            try:
+                await asyncio.wait_for(self._reconcile_now.wait(), self._reconcile_interval)
+            except TimeoutError:
+                pass
+            self._reconcile_now.clear()
+            try:
+                await self.reconcile(hub)
+            except (Unavailable, RedisError, OSError) as exc:
+                log.warning("reconcile skipped: %s", type(exc).__name__)
+
+    async def reconcile(self, hub: ProgressHub, limit: int = 1000) -> int:
+        """One reconcile pass; returns how many updates it found."""
+        ids = await self._store.active_ids(limit)
+        updates = await hub.snapshots(ids)
+        for update in updates:
+            self.record(update)
+        return len(updates)

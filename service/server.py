@@ -1,0 +1,167 @@
+"""Assembling and running the gRPC server: servicer, health, reflection, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
+
+from service.catalog import Catalog
+from service.config import Settings
+from service.dispatch import Publisher, send_only_app
+from service.errors import Unavailable
+from service.gateway import Gateway, Limits
+from service.outbox import Outbox
+from service.progress import ProgressHub
+from service.recorder import Recorder
+from service.schema import check_current
+from service.servicer import TaskServicer
+from service.store import TaskStore
+from taskgate.v1 import task_service_pb2 as pb
+from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def build_server(gateway: Gateway, health_servicer: health.aio.HealthServicer, listen: str) -> tuple[aio.Server, int]:
+    """A gRPC server with TaskService, health and reflection, bound to ``listen``.
+
+    Returns:
+        The (not yet started) server and the port it bound (useful with port 0).
+    """
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(gateway), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port
+
+
+def _catalog(settings: Settings) -> Catalog:
+    if settings.task_names:
+        return Catalog.from_names(settings.task_names)
+    return Catalog.from_app(settings.workers_app)
+
+
+@dataclass
+class Runtime:
+    """Everything a running gateway owns, started and stopped together."""
+
+    settings: Settings
+    store: TaskStore
+    publisher: Publisher
+    hub: ProgressHub
+    recorder: Recorder
+    outbox: Outbox
+    gateway: Gateway
+    health: health.aio.HealthServicer = field(default_factory=health.aio.HealthServicer)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        """Connect, check the schema, and start the background loops.
+
+        Raises:
+            SchemaNotCurrent: the database needs ``taskgate migrate``.
+        """
+        store = TaskStore.connect(settings.database_url, pool_size=settings.db_pool_size)
+        try:
+            await check_current(store.engine)
+        except BaseException:
+            await store.close()
+            raise
+        publisher = Publisher(send_only_app(settings))
+        recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
+        hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
+        hub.on_resubscribe(recorder.request_reconcile)
+        outbox = Outbox(store, publisher, poll_interval=settings.outbox_poll_interval)
+        limits = Limits(
+            schedule_horizon=dt.timedelta(seconds=settings.schedule_horizon),
+            max_schedule=dt.timedelta(seconds=settings.max_schedule),
+        )
+        gateway = Gateway(store, _catalog(settings), outbox, hub, recorder, limits)
+        runtime = cls(settings, store, publisher, hub, recorder, outbox, gateway)
+        for name, coro in (
+            ("hub", hub.run()),
+            ("recorder", recorder.run()),
+            ("reconcile", recorder.reconcile_loop(hub)),
+            ("outbox", outbox.run()),
+            ("health", runtime._health_loop()),
+        ):
+            runtime.background.append(asyncio.create_task(coro, name=f"taskgate-{name}"))
+        return runtime
+
+    async def check_health(self) -> bool:
+        """True when the database, Redis and the broker all answer."""
+        try:
+            await self.store.ping()
+            await self.hub.ping()
+            await self.publisher.aping()
+        except (Unavailable, RedisError, OSError) as exc:
+            log.warning("health: NOT_SERVING (%s)", exc)
+            return False
+        return True
+
+    async def _health_loop(self) -> None:
+        statuses = health_pb2.HealthCheckResponse
+        while True:
+            status = statuses.SERVING if await self.check_health() else statuses.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def stop(self) -> None:
+        """Stop the loops, write what is pending, and close every connection."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.outbox.run_once()
+        with contextlib.suppress(Exception):
+            await self.recorder.flush()
+        await self.hub.close()
+        await asyncio.to_thread(self.publisher.close)
+        await self.store.close()
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+    runtime = await Runtime.start(settings)
+    server, port = build_server(runtime.gateway, runtime.health, settings.listen)
+    await server.start()
+    host = settings.listen.rsplit(":", 1)[0]
+    log.info("taskgate listening on %s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: in-flight calls get %.0fs", settings.shutdown_grace)
+        await runtime.health.enter_graceful_shutdown()
+        runtime.hub.begin_shutdown()
+        await server.stop(settings.shutdown_grace)
+        await runtime.stop()
+        log.info("stopped")

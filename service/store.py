@@ -1,0 +1,361 @@
+"""The durable record of every task: SQLAlchemy Core tables and the task store.
+
+The store knows SQL and nothing of gRPC or Celery. Each method runs in one transaction of
+its own. Connection failures surface as ``DatabaseUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect, RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from service.domain import (
+    TERMINAL_STATES,
+    Delivery,
+    Progress,
+    TaskError,
+    TaskRecord,
+    TaskState,
+    TaskUpdate,
+)
+from service.errors import DatabaseUnavailable, RequestIdConflict
+
+log = logging.getLogger(__name__)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """A timestamp that always comes back as an aware UTC datetime (SQLite too)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+JSONType = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+_TERMINAL = [state.value for state in TERMINAL_STATES]
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("task_id", sa.String(64), primary_key=True),
+    sa.Column("task_name", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("queue", sa.String(255), nullable=False, server_default=""),
+    sa.Column("args", JSONType, nullable=False),
+    sa.Column("kwargs", JSONType, nullable=False),
+    sa.Column("options", JSONType, nullable=False),
+    sa.Column("caller", sa.String(255), nullable=False, server_default=""),
+    sa.Column("request_id", sa.String(255), nullable=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("progress", JSONType, nullable=True),
+    sa.Column("result", JSONType, nullable=True),
+    sa.Column("error", JSONType, nullable=True),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("create_time", UTCDateTime, nullable=False),
+    sa.Column("run_time", UTCDateTime, nullable=False),
+    sa.Column("update_time", UTCDateTime, nullable=False),
+    sa.Column("start_time", UTCDateTime, nullable=True),
+    sa.Column("end_time", UTCDateTime, nullable=True),
+    # The outbox: a task with publish_after set still has to be handed to the broker,
+    # no earlier than that time (a due time, or the lease of whoever is publishing it).
+    sa.Column("publish_after", UTCDateTime, nullable=True),
+    sa.Column("publish_time", UTCDateTime, nullable=True),
+    sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
+)
+sa.Index(
+    "ix_tasks_outbox",
+    tasks.c.publish_after,
+    postgresql_where=tasks.c.publish_after.isnot(None),
+    sqlite_where=tasks.c.publish_after.isnot(None),
+)
+sa.Index("ix_tasks_caller_request_id", tasks.c.caller, tasks.c.request_id, unique=True)
+sa.Index(
+    "ix_tasks_active",
+    tasks.c.update_time,
+    postgresql_where=tasks.c.state.notin_(_TERMINAL),
+    sqlite_where=tasks.c.state.notin_(_TERMINAL),
+)
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.TimeoutError,
+    OSError,
+    TimeoutError,
+)
+
+
+def _options_of(delivery: Delivery) -> dict[str, Any]:
+    expire = delivery.expire_time.isoformat() if delivery.expire_time else None
+    return {"priority": delivery.priority, "expire_time": expire, "headers": delivery.headers}
+
+
+def _delivery(row: RowMapping) -> Delivery:
+    options = row["options"] or {}
+    expire = options.get("expire_time")
+    return Delivery(
+        task_id=row["task_id"],
+        task_name=row["task_name"],
+        args=list(row["args"]),
+        kwargs=dict(row["kwargs"]),
+        run_time=row["run_time"],
+        queue=row["queue"],
+        priority=options.get("priority"),
+        expire_time=dt.datetime.fromisoformat(expire) if expire else None,
+        headers=dict(options.get("headers") or {}),
+    )
+
+
+def _record(row: RowMapping) -> TaskRecord:
+    progress = row["progress"]
+    error = row["error"]
+    return TaskRecord(
+        task_id=row["task_id"],
+        task_name=row["task_name"],
+        state=TaskState(row["state"]),
+        queue=row["queue"],
+        request_id=row["request_id"] or "",
+        caller=row["caller"],
+        retries=row["retries"],
+        progress=Progress(**progress) if progress is not None else None,
+        result=row["result"],
+        error=TaskError(**error) if error is not None else None,
+        create_time=row["create_time"],
+        run_time=row["run_time"],
+        update_time=row["update_time"],
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+    )
+
+
+def _update_values(update: TaskUpdate) -> dict[str, Any]:
+    """The column values an update writes; mirrors ``domain.apply_update``."""
+    values: dict[str, Any] = {
+        "state": update.state.value,
+        "update_time": update.observed_time,
+        "error": None if update.error is None else vars_of(update.error),
+        # a worker saw it, so it was published, whatever the outbox thinks
+        "publish_after": None,
+        "publish_time": sa.func.coalesce(tasks.c.publish_time, update.observed_time),
+    }
+    if update.progress is not None:
+        values["progress"] = vars_of(update.progress)
+    if update.retries is not None:
+        values["retries"] = update.retries
+    if update.start_time is not None:
+        values["start_time"] = sa.func.coalesce(tasks.c.start_time, update.start_time)
+    if update.state is TaskState.SUCCEEDED:
+        values["result"] = update.result
+    if update.state.terminal:
+        values["end_time"] = update.end_time or update.observed_time
+    return values
+
+
+def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
+    """A frozen dataclass with slots as a plain dict for a JSON column."""
+    return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+class TaskStore:
+    """Reads and writes task records."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @classmethod
+    def connect(cls, url: str, *, pool_size: int = 10) -> TaskStore:
+        """A store on a new engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``)."""
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("postgresql"):
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
+            kwargs["connect_args"] = {"timeout": 5}
+        return cls(create_async_engine(url, **kwargs))
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine, for migrations and health checks."""
+        return self._engine
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and not _is_connection_error(exc):
+                raise
+            log.warning("database unreachable: %s", type(exc).__name__)
+            raise DatabaseUnavailable("the task database is unreachable; retry later") from exc
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless the database answers."""
+        async with self._begin() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def insert(
+        self,
+        record: TaskRecord,
+        delivery: Delivery,
+        *,
+        fingerprint: str,
+        publish_after: dt.datetime,
+    ) -> tuple[TaskRecord, bool]:
+        """Record a new task and its outbox mark in one transaction.
+
+        Returns:
+            ``(record, True)`` for a new task; ``(original, False)`` when the caller's
+            request_id was used before with the same fingerprint.
+
+        Raises:
+            RequestIdConflict: the request_id was used before with another request.
+        """
+        async with self._begin() as conn:
+            if record.request_id:
+                existing = await self._by_request_id(conn, record.caller, record.request_id)
+                if existing is not None:
+                    return self._same_request(existing, fingerprint), False
+            values = {
+                "task_id": record.task_id,
+                "task_name": record.task_name,
+                "state": record.state.value,
+                "queue": record.queue,
+                "args": delivery.args,
+                "kwargs": delivery.kwargs,
+                "options": _options_of(delivery),
+                "caller": record.caller,
+                "request_id": record.request_id or None,
+                "fingerprint": fingerprint,
+                "create_time": record.create_time,
+                "run_time": record.run_time,
+                "update_time": record.update_time,
+                "publish_after": publish_after,
+            }
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(tasks.insert().values(values))
+            except sa.exc.IntegrityError:
+                existing = await self._by_request_id(conn, record.caller, record.request_id)
+                if existing is None:
+                    raise
+                return self._same_request(existing, fingerprint), False
+        return record, True
+
+    async def _by_request_id(self, conn: AsyncConnection, caller: str, request_id: str) -> RowMapping | None:
+        query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id == request_id)
+        return (await conn.execute(query)).mappings().first()
+
+    @staticmethod
+    def _same_request(row: RowMapping, fingerprint: str) -> TaskRecord:
+        if row["fingerprint"] != fingerprint:
+            raise RequestIdConflict(
+                f"request_id {row['request_id']!r} was already used for a different request "
+                f"(task {row['task_id']}); use a new request_id for a new task"
+            )
+        return _record(row)
+
+    async def get(self, task_id: str) -> TaskRecord | None:
+        """The task with this id, or None."""
+        async with self._begin() as conn:
+            row = (await conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id))).mappings().first()
+        return None if row is None else _record(row)
+
+    async def apply_updates(self, updates: Iterable[TaskUpdate]) -> int:
+        """Write state changes; a terminal state is never overwritten. Returns rows changed."""
+        changed = 0
+        async with self._begin() as conn:
+            for update in updates:
+                statement = (
+                    tasks.update()
+                    .where(tasks.c.task_id == update.task_id, tasks.c.state.notin_(_TERMINAL))
+                    .values(_update_values(update))
+                )
+                changed += (await conn.execute(statement)).rowcount
+        return changed
+
+    async def claim_due(self, now: dt.datetime, *, lease: dt.timedelta, limit: int) -> list[Delivery]:
+        """Take up to ``limit`` tasks due for publishing, leasing them to the caller.
+
+        Rows another process has locked are skipped (``FOR UPDATE SKIP LOCKED``), and the
+        lease keeps other replicas off them until it runs out.
+        """
+        async with self._begin() as conn:
+            query = (
+                sa.select(tasks)
+                .where(tasks.c.publish_after <= now)
+                .order_by(tasks.c.publish_after)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            rows = (await conn.execute(query)).mappings().all()
+            if not rows:
+                return []
+            ids = [row["task_id"] for row in rows]
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.task_id.in_(ids))
+                .values(publish_after=now + lease, publish_attempts=tasks.c.publish_attempts + 1)
+            )
+        return [_delivery(row) for row in rows]
+
+    async def mark_published(self, task_ids: Sequence[str], now: dt.datetime) -> None:
+        """Clear the outbox mark of tasks the broker accepted."""
+        if not task_ids:
+            return
+        async with self._begin() as conn:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.task_id.in_(list(task_ids)))
+                .values(publish_after=None, publish_time=sa.func.coalesce(tasks.c.publish_time, now))
+            )
+
+    async def retry_publish_at(self, task_ids: Sequence[str], when: dt.datetime) -> None:
+        """Put tasks whose publishing failed back in the outbox, due at ``when``."""
+        if not task_ids:
+            return
+        async with self._begin() as conn:
+            await conn.execute(
+                tasks.update()
+                .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.publish_after.isnot(None))
+                .values(publish_after=when)
+            )
+
+    async def active_ids(self, limit: int) -> list[str]:
+        """Ids of published tasks not yet terminal, least recently updated first."""
+        async with self._begin() as conn:
+            query = (
+                sa.select(tasks.c.task_id)
+                .where(tasks.c.state.notin_(_TERMINAL), tasks.c.publish_time.isnot(None))
+                .order_by(tasks.c.update_time)
+                .limit(limit)
+            )
+            return list((await conn.execute(query)).scalars())
+
+
+def _is_connection_error(exc: sa.exc.DBAPIError) -> bool:
+    return bool(exc.connection_invalidated) or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
