@@ -43,9 +43,13 @@ class Settings(CelerySettings):
     #: Database connection pool size.
     db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
     #: Seconds in-flight calls get to finish on SIGTERM.
-    shutdown_grace: float = Field(10.0, ge=0, validation_alias=_env("TASKGATE_SHUTDOWN_GRACE", "shutdown_grace"))
+    shutdown_grace: float = Field(
+        10.0, ge=0, validation_alias=_env("TASKGATE_SHUTDOWN_GRACE", "shutdown_grace")
+    )
     #: Seconds between health checks of the database and the broker.
-    health_interval: float = Field(5.0, gt=0, validation_alias=_env("TASKGATE_HEALTH_INTERVAL", "health_interval"))
+    health_interval: float = Field(
+        5.0, gt=0, validation_alias=_env("TASKGATE_HEALTH_INTERVAL", "health_interval")
+    )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
 

@@ -9,7 +9,7 @@ import decimal
 import math
 import uuid
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -21,19 +21,7 @@ MAX_NAME_LENGTH = 255
 _MAX_SAFE_INT = 2**53
 
 
-class _TaskRequest(Protocol):
-    """The fields EnqueueRequest and EnqueueAtRequest share."""
-
-    task_name: str
-    args: struct_pb2.ListValue
-    kwargs: struct_pb2.Struct
-    queue: str
-    request_id: str
-    priority: int
-    expire_time: timestamp_pb2.Timestamp
-    headers: Any
-
-    def HasField(self, field_name: Any) -> bool: ...  # noqa: N802 - protobuf's name
+_TaskRequest = pb.EnqueueRequest | pb.EnqueueAtRequest
 
 
 # --- times ---------------------------------------------------------------------------
@@ -116,6 +104,24 @@ def _check_name(field: str, value: str, *, required: bool) -> str:
     return value
 
 
+#: Celery's own protocol headers: a caller must not override them (``task`` would bypass
+#: the catalog, ``id`` would detach the run from its record).
+RESERVED_HEADERS = frozenset(
+    {
+        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+        "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin",
+        "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
+    }
+)  # fmt: skip
+
+
+def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    reserved = sorted(name for name in headers if name.lower() in RESERVED_HEADERS)
+    if reserved:
+        raise InvalidRequest(f"headers may not set Celery's own headers: {', '.join(reserved)}")
+    return dict(headers)
+
+
 def _common_fields(request: _TaskRequest) -> dict[str, Any]:
     priority: int | None = None
     if request.HasField("priority"):
@@ -131,7 +137,7 @@ def _common_fields(request: _TaskRequest) -> dict[str, Any]:
         "request_id": _check_name("request_id", request.request_id, required=False),
         "priority": priority,
         "expire_time": expire_time,
-        "headers": dict(request.headers),
+        "headers": _check_headers(request.headers),
     }
 
 
@@ -150,9 +156,8 @@ def enqueue_at_spec(request: pb.EnqueueAtRequest) -> TaskSpec:
     if not request.HasField("run_time"):
         raise InvalidRequest("run_time is required for EnqueueAt (use Enqueue to run at once)")
     spec = TaskSpec(run_time=to_datetime(request.run_time), **_common_fields(request))
-    if spec.expire_time is not None and spec.run_time is not None:
-        if spec.expire_time <= spec.run_time:
-            raise InvalidRequest("expire_time must be after run_time")
+    if spec.expire_time is not None and spec.run_time is not None and spec.expire_time <= spec.run_time:
+        raise InvalidRequest("expire_time must be after run_time")
     return spec
 
 

@@ -170,7 +170,13 @@ def apply_update(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
         changes["result"] = update.result
     changes["error"] = update.error
     if update.state.terminal:
-        changes["end_time"] = update.end_time or update.observed_time
+        end_time = update.end_time or update.observed_time
+        changes["end_time"] = end_time
+        # the start was seen on the gateway's clock, the end stamped on the worker's:
+        # never report a task as ending before it started
+        start_time = changes.get("start_time", record.start_time)
+        if start_time is None or start_time > end_time:
+            changes["start_time"] = end_time
     new = dataclasses.replace(record, **changes)
     if dataclasses.replace(new, update_time=record.update_time) == record:
         return record

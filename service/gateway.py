@@ -105,12 +105,17 @@ class Gateway:
         )
         if not created:
             log.info("task_id=%s request_id=%s deduplicated", stored.task_id, spec.request_id)
-            return Accepted(stored.task_id, stored.as_of(now).state, deduplicated=True)
+            current = await self._refresh(stored)
+            return Accepted(stored.task_id, current.as_of(now).state, deduplicated=True)
         if not held:
             self._outbox.submit(delivery)
         log.info(
             "task_id=%s request_id=%s task_name=%s caller=%s accepted (%s)",
-            record.task_id, spec.request_id, spec.task_name, caller, "held" if held else state.value,
+            record.task_id,
+            spec.request_id,
+            spec.task_name,
+            caller,
+            "held" if held else state.value,
         )
         return Accepted(record.task_id, state, deduplicated=False)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
 
+from service.dispatch import Publisher
 from service.domain import Delivery
 from service.errors import Unavailable
-from service.dispatch import Publisher
 from service.store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,8 @@ class Outbox:
     async def run(self) -> None:
         """Publish until cancelled."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval + self._backoff)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.run_once()

@@ -26,6 +26,9 @@ from service.domain import TaskUpdate
 
 log = logging.getLogger(__name__)
 
+#: Redis CLIENT SETNAME prefix of the hub's connections (visible in CLIENT LIST).
+CLIENT_NAME = "taskgate-hub"
+
 
 class Signal(enum.Enum):
     """Inbox items that are not updates."""
@@ -71,9 +74,13 @@ class ProgressHub:
         *,
         max_connections: int = 4,
     ) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=5)
-        self._client = aioredis.Redis(connection_pool=pool)
-        self._subscriber = aioredis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=15)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=max_connections, timeout=5, client_name=f"{CLIENT_NAME}-reads"
+        )
+        self._client = aioredis.Redis.from_pool(pool)
+        self._subscriber = aioredis.Redis.from_url(
+            redis_url, socket_keepalive=True, health_check_interval=15, client_name=f"{CLIENT_NAME}-sub"
+        )
         self._prefix = meta_prefix
         self._on_update = on_update
         self._on_resubscribe: list[Callable[[], None]] = []
@@ -103,7 +110,9 @@ class ProgressHub:
                 await self._listen()
             except (RedisError, OSError) as exc:
                 self._ready.clear()
-                log.warning("progress subscription lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
+                log.warning(
+                    "progress subscription lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             else:
@@ -122,7 +131,7 @@ class ProgressHub:
         finally:
             self._ready.clear()
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _subscribed(self) -> None:
         self._ready.set()

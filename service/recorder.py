@@ -9,6 +9,7 @@ unfinished task after each (re)subscribe and every ``reconcile_interval`` second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,9 @@ class Recorder:
                 backoff = 0.0
             except Unavailable:
                 backoff = min(max(backoff * 2, 0.5), 5.0)
-                log.warning("recorder paused %.1fs: database unavailable (%d pending)", backoff, len(self._pending))
+                log.warning(
+                    "recorder paused %.1fs: database unavailable (%d pending)", backoff, len(self._pending)
+                )
 
     async def flush(self) -> None:
         """Write everything pending now."""
@@ -83,10 +86,8 @@ class Recorder:
     async def reconcile_loop(self, hub: ProgressHub) -> None:
         """Re-read unfinished tasks from Redis on request and every reconcile interval."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reconcile_now.wait(), self._reconcile_interval)
-            except TimeoutError:
-                pass
             self._reconcile_now.clear()
             try:
                 await self.reconcile(hub)

@@ -34,7 +34,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 
-def build_server(gateway: Gateway, health_servicer: health.aio.HealthServicer, listen: str) -> tuple[aio.Server, int]:
+def build_server(
+    gateway: Gateway, health_servicer: health.aio.HealthServicer, listen: str
+) -> tuple[aio.Server, int]:
     """A gRPC server with TaskService, health and reflection, bound to ``listen``.
 
     Returns:
@@ -48,7 +50,8 @@ def build_server(gateway: Gateway, health_servicer: health.aio.HealthServicer, l
     )
     pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(gateway), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    names = (SERVICE_NAME, health_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(listen)
     if port == 0:

@@ -169,7 +169,13 @@ def _update_values(update: TaskUpdate) -> dict[str, Any]:
     if update.state is TaskState.SUCCEEDED:
         values["result"] = update.result
     if update.state.terminal:
-        values["end_time"] = update.end_time or update.observed_time
+        end_time = update.end_time or update.observed_time
+        values["end_time"] = end_time
+        start = values.get("start_time", tasks.c.start_time)
+        values["start_time"] = sa.case(
+            (sa.or_(tasks.c.start_time.is_(None), tasks.c.start_time > end_time), end_time),
+            else_=start,
+        )
     return values
 
 
@@ -358,4 +364,6 @@ class TaskStore:
 
 
 def _is_connection_error(exc: sa.exc.DBAPIError) -> bool:
-    return bool(exc.connection_invalidated) or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    if exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)

@@ -47,7 +47,9 @@ def upgrade() -> None:
         sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
     )
     outbox = sa.text("publish_after IS NOT NULL")
-    op.create_index("ix_tasks_outbox", "tasks", ["publish_after"], postgresql_where=outbox, sqlite_where=outbox)
+    op.create_index(
+        "ix_tasks_outbox", "tasks", ["publish_after"], postgresql_where=outbox, sqlite_where=outbox
+    )
     op.create_index("ix_tasks_caller_request_id", "tasks", ["caller", "request_id"], unique=True)
     active = sa.text(f"state NOT IN {_TERMINAL}")
     op.create_index("ix_tasks_active", "tasks", ["update_time"], postgresql_where=active, sqlite_where=active)
