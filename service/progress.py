@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import enum
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import redis.asyncio as aioredis
@@ -75,11 +76,17 @@ class ProgressHub:
         max_connections: int = 4,
     ) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=max_connections, timeout=5, client_name=f"{CLIENT_NAME}-reads"
+            redis_url,
+            max_connections=max_connections,
+            timeout=5,
+            client_name=f"{CLIENT_NAME}-{os.getpid()}-reads",
         )
         self._client = aioredis.Redis.from_pool(pool)
         self._subscriber = aioredis.Redis.from_url(
-            redis_url, socket_keepalive=True, health_check_interval=15, client_name=f"{CLIENT_NAME}-sub"
+            redis_url,
+            socket_keepalive=True,
+            health_check_interval=15,
+            client_name=f"{CLIENT_NAME}-{os.getpid()}-sub",
         )
         self._prefix = meta_prefix
         self._on_update = on_update

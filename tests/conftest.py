@@ -96,7 +96,9 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, log_path: Path, name: str, concurrency: int = 8) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, log_path: Path, name: str, concurrency: int = 8
+) -> subprocess.Popen[bytes]:
     """A real Celery worker of this run (thread pool), logging to ``log_path``."""
     command = [
         sys.executable, "-m", "celery", "-A", "workers", "worker",
@@ -104,7 +106,9 @@ def start_worker(settings: Settings, log_path: Path, name: str, concurrency: int
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=child_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=child_env(settings), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
