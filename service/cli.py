@@ -37,16 +37,23 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _dev(settings: Settings) -> int:
+    from service.dev import run
+
+    return run(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``taskgate`` console script."""
     parser = argparse.ArgumentParser(prog="taskgate", description="gRPC front door to Celery")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server (needs a migrated database)")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    commands.add_parser("dev", help="run a private Redis, SQLite, one worker and the server until Ctrl-C")
     args = parser.parse_args(argv)
     settings = Settings()
     _setup_logging(settings.log_level)
-    handlers = {"serve": _serve, "migrate": _migrate}
+    handlers = {"serve": _serve, "migrate": _migrate, "dev": _dev}
     return handlers[args.command](settings)
 
 

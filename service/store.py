@@ -197,6 +197,8 @@ class TaskStore:
         if url.startswith("postgresql"):
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
             kwargs["connect_args"] = {"timeout": 5}
+        elif url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}  # wait for the writer lock instead of failing
         return cls(create_async_engine(url, **kwargs))
 
     @property
