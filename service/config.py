@@ -36,6 +36,8 @@ class Settings(CelerySettings):
     outbox_poll_interval: float = Field(
         0.5, gt=0, validation_alias=_env("TASKGATE_OUTBOX_POLL_INTERVAL", "outbox_poll_interval")
     )
+    #: Seconds a publisher's claim on an outbox row keeps other replicas off it.
+    publish_lease: float = Field(30.0, gt=0, validation_alias=_env("TASKGATE_PUBLISH_LEASE", "publish_lease"))
     #: Seconds between reconcile passes that re-read unfinished tasks from Redis.
     reconcile_interval: float = Field(
         30.0, gt=0, validation_alias=_env("TASKGATE_RECONCILE_INTERVAL", "reconcile_interval")

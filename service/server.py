@@ -96,7 +96,12 @@ class Runtime:
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
-        outbox = Outbox(store, publisher, poll_interval=settings.outbox_poll_interval)
+        outbox = Outbox(
+            store,
+            publisher,
+            lease=dt.timedelta(seconds=settings.publish_lease),
+            poll_interval=settings.outbox_poll_interval,
+        )
         limits = Limits(
             schedule_horizon=dt.timedelta(seconds=settings.schedule_horizon),
             max_schedule=dt.timedelta(seconds=settings.max_schedule),

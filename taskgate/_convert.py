@@ -114,7 +114,9 @@ def _jsonable(value: Any, where: str) -> Any:
 
 def to_list_value(args: Sequence[Any]) -> struct_pb2.ListValue:
     """Positional task arguments as a ListValue."""
-    return json_format.ParseDict([_jsonable(v, f"args[{i}]") for i, v in enumerate(args)], struct_pb2.ListValue())
+    values = struct_pb2.ListValue()
+    values.extend(_jsonable(v, f"args[{i}]") for i, v in enumerate(args))
+    return values
 
 
 def to_struct(kwargs: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -215,21 +217,16 @@ def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
     return result
 
 
-def _time(message: pb.Task, field: pb.Task._HasFieldArgType) -> dt.datetime | None:
-    if not message.HasField(field):
-        return None
-    stamp = getattr(message, field)
-    assert isinstance(stamp, timestamp_pb2.Timestamp)
-    return stamp.ToDatetime(tzinfo=dt.UTC)
+def _time(stamp: timestamp_pb2.Timestamp, present: bool) -> dt.datetime | None:
+    return stamp.ToDatetime(tzinfo=dt.UTC) if present else None
 
 
 def state_from_proto(state: pb.TaskState.ValueType) -> TaskState:
     """The proto enum value as a TaskState; ValueError for one this client does not know."""
-    name = pb.TaskState.Name(state) if state in pb.TaskState.values() else str(int(state))
     try:
-        return TaskState(name.removeprefix("TASK_STATE_"))
+        return TaskState(pb.TaskState.Name(state).removeprefix("TASK_STATE_"))
     except ValueError:
-        raise ValueError(f"the server sent task state {name}, which this client does not know") from None
+        raise ValueError(f"the server sent task state {int(state)}, unknown to this client") from None
 
 
 def task_from_proto(message: pb.Task) -> Task:
@@ -256,10 +253,10 @@ def task_from_proto(message: pb.Task) -> Task:
         error=error,
         retries=message.retries,
         queue=message.queue,
-        create_time=_time(message, "create_time"),
-        run_time=_time(message, "run_time"),
-        start_time=_time(message, "start_time"),
-        end_time=_time(message, "end_time"),
-        update_time=_time(message, "update_time"),
+        create_time=_time(message.create_time, message.HasField("create_time")),
+        run_time=_time(message.run_time, message.HasField("run_time")),
+        start_time=_time(message.start_time, message.HasField("start_time")),
+        end_time=_time(message.end_time, message.HasField("end_time")),
+        update_time=_time(message.update_time, message.HasField("update_time")),
         request_id=message.request_id,
     )

@@ -12,14 +12,13 @@ from workers.config import CelerySettings, common_conf
 
 settings = CelerySettings()
 
-app = Celery("workers", include=["workers.demo"])
+app = Celery("workers", include=["workers.demo"], task_cls="workers.guard:OnceTask")
 app.conf.update(
     common_conf(settings),
     result_backend=settings.result_backend,
     result_expires=settings.result_expires,
     result_extended=True,
     task_track_started=True,
-    task_cls="workers.guard:OnceTask",
     worker_hijack_root_logger=False,
     taskgate_key_prefix=settings.key_prefix,
 )

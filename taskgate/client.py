@@ -1,0 +1,329 @@
+"""Typed Python clients for the taskgate gateway: ``AsyncClient`` (grpc.aio) and ``Client`` (blocking).
+
+::
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        task_id = await client.enqueue("demo.add", 2, 3)
+        task = await client.wait(task_id, timeout=60)
+        assert task.result == 5
+
+Task arguments travel as JSON (protobuf Struct/ListValue): None, bool, int, float, str, and
+lists/tuples and str-keyed mappings of them. Numbers with no fractional part reach the task,
+and come back in results, as ints. Datetimes must be timezone-aware.
+
+Failed calls raise ``taskgate.errors.TaskgateError`` subclasses (re-exported here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from typing import Any, Self
+
+import grpc
+from grpc import aio
+
+from taskgate import _convert
+from taskgate._convert import Progress, Task, TaskErrorInfo, TaskState
+from taskgate.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    TaskFailed,
+    TaskgateError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+)
+from taskgate.v1 import task_service_pb2 as pb
+from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceeded",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Progress",
+    "ResourceExhausted",
+    "Task",
+    "TaskErrorInfo",
+    "TaskFailed",
+    "TaskState",
+    "TaskgateError",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+def _finished(task: Task) -> Task:
+    """``task`` if it succeeded; TaskFailed if it ended FAILED or CANCELLED."""
+    if task.state is not TaskState.SUCCEEDED:
+        raise TaskFailed(task)
+    return task
+
+
+def _timed_out(task_id: str, timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"task {task_id} did not end within {timeout:g} s")
+
+
+def _cut_short(task_id: str) -> Internal:
+    return Internal(f"the progress stream of task {task_id} ended before the task did")
+
+
+class AsyncClient:
+    """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
+
+    Args:
+        target: the gateway's address, ``host:port``.
+        credentials: TLS channel credentials; None means a plaintext channel.
+        metadata: key/value pairs sent with every call (for example an authorization header).
+        timeout: deadline in seconds for each unary call (enqueue, enqueue_at, status); None
+            means none. ``progress`` and ``wait`` have their own.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = 30,
+    ) -> None:
+        if credentials is None:
+            self._channel = aio.insecure_channel(target)
+        else:
+            self._channel = aio.secure_channel(target, credentials)
+        self._stub = pb_grpc.TaskServiceStub(self._channel)
+        self._metadata = tuple((key, value) for key, value in metadata)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        await self._channel.close()
+
+    async def enqueue(
+        self,
+        task_name: str,
+        /,
+        *args: Any,
+        queue: str = "",
+        request_id: str = "",
+        priority: int | None = None,
+        countdown: float | dt.timedelta | None = None,
+        expire_time: dt.datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``task_name(*args, **kwargs)`` as soon as a worker is free; return the task id.
+
+        ``countdown`` (seconds or a timedelta) delays the start; after ``expire_time`` the task is
+        discarded and ends CANCELLED; a repeated ``request_id`` returns the first task's id.
+        """
+        request = _convert.enqueue_request(
+            task_name, args, kwargs, queue=queue, request_id=request_id, priority=priority,
+            countdown=countdown, expire_time=expire_time, headers=headers,
+        )  # fmt: skip
+        try:
+            response = await self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.task_id
+
+    async def enqueue_at(
+        self,
+        task_name: str,
+        run_time: dt.datetime,
+        /,
+        *args: Any,
+        queue: str = "",
+        request_id: str = "",
+        priority: int | None = None,
+        expire_time: dt.datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``task_name(*args, **kwargs)`` at ``run_time`` (aware); return the task id."""
+        request = _convert.enqueue_at_request(
+            task_name, run_time, args, kwargs, queue=queue, request_id=request_id, priority=priority,
+            expire_time=expire_time, headers=headers,
+        )  # fmt: skip
+        try:
+            response = await self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.task_id
+
+    async def status(self, task_id: str) -> Task:
+        """The task as it is now. NotFound for an id the gateway never enqueued."""
+        request = pb.GetStatusRequest(task_id=task_id)
+        try:
+            response = await self._stub.GetStatus(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return _convert.task_from_proto(response.task)
+
+    async def progress(self, task_id: str, *, timeout: float | None = None) -> AsyncGenerator[Task, None]:
+        """The task's snapshot now, then one per change, ending after a terminal state.
+
+        ``timeout`` bounds the whole stream (DeadlineExceeded); None means no limit. To stop
+        early, ``aclose()`` the generator (or use ``contextlib.aclosing``): that cancels the call.
+        NotFound for an id the gateway never enqueued.
+        """
+        request = pb.StreamProgressRequest(task_id=task_id)
+        call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield _convert.task_from_proto(response.task)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """Wait for the task to end and return it.
+
+        Raises:
+            TaskFailed: it ended FAILED or CANCELLED (``.task`` has the error).
+            DeadlineExceeded: it had not ended after ``timeout`` seconds (also a TimeoutError).
+        """
+        async with contextlib.aclosing(self.progress(task_id, timeout=timeout)) as stream:
+            try:
+                async for task in stream:
+                    if task.state.terminal:
+                        return _finished(task)
+            except DeadlineExceeded as exc:
+                if timeout is None:
+                    raise
+                raise _timed_out(task_id, timeout) from exc
+        raise _cut_short(task_id)
+
+
+class Client:
+    """The taskgate API on a blocking gRPC channel; safe to share between threads.
+
+    Use it as ``with Client(target) as c:``. Arguments as for ``AsyncClient``. Do not call it
+    from a coroutine on an event loop that has work to do: it blocks the loop.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = 30,
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, credentials)
+        self._stub = pb_grpc.TaskServiceStub(self._channel)
+        self._metadata = tuple((key, value) for key, value in metadata)
+        self._timeout = timeout
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        self._channel.close()
+
+    def enqueue(
+        self,
+        task_name: str,
+        /,
+        *args: Any,
+        queue: str = "",
+        request_id: str = "",
+        priority: int | None = None,
+        countdown: float | dt.timedelta | None = None,
+        expire_time: dt.datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """As ``AsyncClient.enqueue``."""
+        request = _convert.enqueue_request(
+            task_name, args, kwargs, queue=queue, request_id=request_id, priority=priority,
+            countdown=countdown, expire_time=expire_time, headers=headers,
+        )  # fmt: skip
+        try:
+            response = self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.task_id
+
+    def enqueue_at(
+        self,
+        task_name: str,
+        run_time: dt.datetime,
+        /,
+        *args: Any,
+        queue: str = "",
+        request_id: str = "",
+        priority: int | None = None,
+        expire_time: dt.datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """As ``AsyncClient.enqueue_at``."""
+        request = _convert.enqueue_at_request(
+            task_name, run_time, args, kwargs, queue=queue, request_id=request_id, priority=priority,
+            expire_time=expire_time, headers=headers,
+        )  # fmt: skip
+        try:
+            response = self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.task_id
+
+    def status(self, task_id: str) -> Task:
+        """As ``AsyncClient.status``."""
+        request = pb.GetStatusRequest(task_id=task_id)
+        try:
+            response = self._stub.GetStatus(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return _convert.task_from_proto(response.task)
+
+    def progress(self, task_id: str, *, timeout: float | None = None) -> Generator[Task, None, None]:
+        """As ``AsyncClient.progress``; ``close()`` the generator to stop early."""
+        request = pb.StreamProgressRequest(task_id=task_id)
+        call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
+        try:
+            for response in call:
+                yield _convert.task_from_proto(response.task)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """As ``AsyncClient.wait``."""
+        with contextlib.closing(self.progress(task_id, timeout=timeout)) as stream:
+            try:
+                for task in stream:
+                    if task.state.terminal:
+                        return _finished(task)
+            except DeadlineExceeded as exc:
+                if timeout is None:
+                    raise
+                raise _timed_out(task_id, timeout) from exc
+        raise _cut_short(task_id)
