@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install dev test lint bench
 
-$(STAMP): pyproject.toml package.json package-lock.json
+$(STAMP): pyproject.toml package.json package-lock.json examples/node/package.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
 	npm install --no-audit --no-fund --loglevel=error
+	npm install --prefix examples/node --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -96,7 +96,7 @@ def run(settings: Settings) -> int:
             f"\ntaskgate is up on {target} (database {dev_settings.database_url}, "
             f"broker {dev_settings.broker_url})\ntry, from another terminal:\n"
             f"  npx buf curl --protocol grpc --http2-prior-knowledge "
-            f"-d '{{\"task_name\":\"demo.progress\",\"args\":[5]}}' "
+            f'-d \'{{"task_name":"demo.progress","args":[5]}}\' '
             f"http://{target}/taskgate.v1.TaskService/Enqueue\n"
             "Ctrl-C stops everything.\n",
             flush=True,

@@ -13,9 +13,9 @@ from grpc import aio
 
 from service.server import Runtime
 from service.store import tasks
-from tests.helpers import args, enqueue, kwargs, value, wait_state
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+from tests.helpers import args, enqueue, kwargs, value, wait_state
 
 
 def ts(moment: dt.datetime) -> timestamp_pb2.Timestamp:

@@ -16,9 +16,9 @@ from service.errors import INTERNAL_MESSAGE
 from service.gateway import Gateway
 from service.server import Runtime, build_server
 from service.store import TaskStore
-from tests.helpers import args
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+from tests.helpers import args
 
 
 class ExplodingCatalog(Catalog):

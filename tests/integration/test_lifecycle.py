@@ -10,11 +10,11 @@ from grpc import aio
 
 from service.config import Settings
 from service.schema import ensure_database
+from taskgate.v1 import task_service_pb2 as pb
+from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.conftest import _admin, database_url
 from tests.helpers import args
 from tests.processes import gateway_process, run_serve
-from taskgate.v1 import task_service_pb2 as pb
-from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
 
 async def test_serve_refuses_a_database_that_is_not_migrated(settings: Settings, run_id: str) -> None:

@@ -26,11 +26,11 @@ from grpc import aio
 
 from service.config import Settings
 from service.store import TaskStore, tasks
+from taskgate.v1 import task_service_pb2 as pb
+from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.conftest import start_worker, stop_process
 from tests.helpers import args, wait_state
 from tests.processes import GatewayProcess, gateway_process, start_gateway
-from taskgate.v1 import task_service_pb2 as pb
-from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
 FAST = {"TASKGATE_PUBLISH_LEASE": "2", "TASKGATE_OUTBOX_POLL_INTERVAL": "0.2", "TASKGATE_SHUTDOWN_GRACE": "1"}
 

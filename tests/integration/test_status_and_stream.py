@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.domain import TaskState, TaskUpdate
 from service.progress import CLIENT_NAME
 from service.server import Runtime
-from tests.helpers import enqueue, value, wait_state
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+from tests.helpers import enqueue, value, wait_state
 
 
 async def collect(stub: pb_grpc.TaskServiceStub, task_id: str) -> list[pb.Task]:
