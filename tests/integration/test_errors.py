@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -94,3 +95,12 @@ async def test_reserved_headers_are_refused(stub: pb_grpc.TaskServiceStub) -> No
         await stub.Enqueue(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "task" in (caught.value.details() or "")
+
+
+async def test_health_follows_the_database(runtime: Runtime) -> None:
+    assert await runtime.check_health()
+    broken = TaskStore.connect("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    try:
+        assert not await dataclasses.replace(runtime, store=broken).check_health()
+    finally:
+        await broken.close()
