@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from service import commands as commands_for_people
 from service.config import Settings
 from service.schema import SchemaNotCurrent, upgrade
 
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run the gRPC server (needs a migrated database)")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
     commands.add_parser("dev", help="run a private Redis, SQLite, one worker and the server until Ctrl-C")
+    commands_for_people.add_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command in ("enqueue", "status", "watch"):
+        return commands_for_people.run(args)
     settings = Settings()
     _setup_logging(settings.log_level)
     handlers = {"serve": _serve, "migrate": _migrate, "dev": _dev}
