@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from service.batching import GroupCommit
 from service.domain import (
     TERMINAL_STATES,
     Delivery,
@@ -189,6 +190,7 @@ class TaskStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._group_insert: GroupCommit[dict[str, Any]] = GroupCommit(self._insert_many)
 
     @classmethod
     def connect(cls, url: str, *, pool_size: int = 10) -> TaskStore:
@@ -236,6 +238,8 @@ class TaskStore:
     ) -> tuple[TaskRecord, bool]:
         """Record a new task and its outbox mark in one transaction.
 
+        Concurrent inserts without a request_id are committed together (group commit).
+
         Returns:
             ``(record, True)`` for a new task; ``(original, False)`` when the caller's
             request_id was used before with the same fingerprint.
@@ -243,27 +247,29 @@ class TaskStore:
         Raises:
             RequestIdConflict: the request_id was used before with another request.
         """
+        values = {
+            "task_id": record.task_id,
+            "task_name": record.task_name,
+            "state": record.state.value,
+            "queue": record.queue,
+            "args": delivery.args,
+            "kwargs": delivery.kwargs,
+            "options": _options_of(delivery),
+            "caller": record.caller,
+            "request_id": record.request_id or None,
+            "fingerprint": fingerprint,
+            "create_time": record.create_time,
+            "run_time": record.run_time,
+            "update_time": record.update_time,
+            "publish_after": publish_after,
+        }
+        if not record.request_id:
+            await self._group_insert.submit(values)
+            return record, True
         async with self._begin() as conn:
-            if record.request_id:
-                existing = await self._by_request_id(conn, record.caller, record.request_id)
-                if existing is not None:
-                    return self._same_request(existing, fingerprint), False
-            values = {
-                "task_id": record.task_id,
-                "task_name": record.task_name,
-                "state": record.state.value,
-                "queue": record.queue,
-                "args": delivery.args,
-                "kwargs": delivery.kwargs,
-                "options": _options_of(delivery),
-                "caller": record.caller,
-                "request_id": record.request_id or None,
-                "fingerprint": fingerprint,
-                "create_time": record.create_time,
-                "run_time": record.run_time,
-                "update_time": record.update_time,
-                "publish_after": publish_after,
-            }
+            existing = await self._by_request_id(conn, record.caller, record.request_id)
+            if existing is not None:
+                return self._same_request(existing, fingerprint), False
             try:
                 async with conn.begin_nested():
                     await conn.execute(tasks.insert().values(values))
@@ -273,6 +279,11 @@ class TaskStore:
                     raise
                 return self._same_request(existing, fingerprint), False
         return record, True
+
+    async def _insert_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """One transaction, one multi-row INSERT (tasks without a request_id)."""
+        async with self._begin() as conn:
+            await conn.execute(tasks.insert(), list(rows))
 
     async def _by_request_id(self, conn: AsyncConnection, caller: str, request_id: str) -> RowMapping | None:
         query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id == request_id)
