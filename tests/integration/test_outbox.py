@@ -25,10 +25,11 @@ from google.protobuf import timestamp_pb2
 from grpc import aio
 
 from service.config import Settings
+from service.schema import upgrade
 from service.store import TaskStore, tasks
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from tests.conftest import start_worker, stop_process
+from tests.conftest import _admin, database_url, start_worker, stop_process
 from tests.helpers import args, wait_state
 from tests.processes import GatewayProcess, gateway_process, start_gateway
 
@@ -63,6 +64,8 @@ class PrivateRedis:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+        # the port was free a moment ago; make sure the server answering is ours
+        assert client.info("server")["process_id"] == self.process.pid
         client.close()
 
     def stop(self) -> None:
@@ -83,8 +86,19 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 @pytest.fixture
-def private_settings(settings: Settings, private_redis: PrivateRedis) -> Settings:
-    return settings.model_copy(update={"broker_url": private_redis.url, "result_backend": private_redis.url})
+def private_settings(settings: Settings, private_redis: PrivateRedis, run_id: str) -> Iterator[Settings]:
+    """Settings on a private Redis and a private database.
+
+    Not the run's shared database: the session's own gateway would relay these tasks to
+    the shared Redis, as any replica on one database does.
+    """
+    name = f"taskgate_test_{run_id}_{uuid.uuid4().hex[:6]}"
+    url = database_url(name)
+    upgrade(url)
+    yield settings.model_copy(
+        update={"broker_url": private_redis.url, "result_backend": private_redis.url, "database_url": url}
+    )
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextlib.contextmanager
