@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev test lint bench
+.PHONY: install dev test lint bench bench-quick
 
 $(STAMP): pyproject.toml package.json package-lock.json examples/node/package.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,3 +28,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	node_modules/.bin/buf lint
+
+# Benchmarks (not tests): ratios against raw send_task, a naive gateway and Flower, same run.
+bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m bench --quick

@@ -49,6 +49,7 @@ class Outbox:
         self._max_pending = max_pending
         self._wake = asyncio.Event()
         self._backoff = 0.0
+        self._stopping = False
 
     @property
     def lease(self) -> dt.timedelta:
@@ -64,9 +65,14 @@ class Outbox:
         self._pending.append(delivery)
         self._wake.set()
 
+    def request_stop(self) -> None:
+        """Let ``run`` return after the batch in hand is published and marked."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Publish until cancelled."""
-        while True:
+        """Publish until cancelled or asked to stop."""
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval + self._backoff)
             self._wake.clear()

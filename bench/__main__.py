@@ -1,0 +1,130 @@
+"""``python -m bench [--quick]``: every measurement, on a private database and Redis."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from types import FrameType
+
+from bench.dispatch_lag import run_dispatch_lag
+from bench.enqueue import contenders, report, run_rounds, samples_json
+from bench.flower import start_flower
+from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
+from bench.plan import DEFAULT, QUICK, Plan
+from bench.profile import profile_taskgate
+from bench.servers import start_naive, start_taskgate
+
+STALL_NOTE = """## 4. Event-loop stall of the gateway
+
+Skipped: measuring it needs instrumentation inside the gateway process (service/ is not
+changed by the benchmarks), and a client-side figure would measure the client's loop."""
+
+
+def _versions() -> str:
+    names = ("grpcio", "celery", "kombu", "flower", "sqlalchemy", "asyncpg")
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} ?")
+    return ", ".join(parts)
+
+
+def _revision() -> str:
+    """The checkout's commit, and whether service/ has uncommitted changes (what was measured)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "service", "workers"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "git revision unknown"
+    return f"commit {head}" + (f" + {len(dirty)} uncommitted file(s) in service/ workers/" if dirty else "")
+
+
+def _header(plan: Plan, quick: bool) -> str:
+    return "\n".join(
+        [
+            f"# taskgate benchmarks ({'--quick' if quick else 'default'}) — "
+            f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {_versions()}",
+            f"taskgate: {_revision()}",
+            f"plan: {plan}",
+            "Everything (servers, load generators, PostgreSQL, Redis) shares this machine: compare the",
+            "ratios measured in one run, not absolute numbers across runs.",
+        ]
+    )
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
+
+
+def run(plan: Plan, quick: bool) -> str:
+    OUT.mkdir(parents=True, exist_ok=True)
+    sections = [_header(plan, quick)]
+    print(sections[0] + "\n", flush=True)
+    children = Children()
+    db = PrivateDatabase()
+    redis: PrivateRedis | None = None
+    try:
+        announce(f"creating database {db.name}")
+        db.create()
+        redis = PrivateRedis(children, OUT / "redis.log")
+        announce(f"private redis on port {redis.port}; starting taskgate, naive gateway and Flower")
+        taskgate = start_taskgate(children, redis.url, db.url)
+        naive = start_naive(children, redis.url)
+        flower = start_flower(children, redis.url)
+        systems = contenders(plan, redis, db, taskgate, naive, flower)
+        run_rounds(plan, children, redis, systems)
+        (OUT / f"samples{'-quick' if quick else ''}.json").write_text(samples_json(systems))
+        sections.append(report(plan, systems))
+        print(sections[-1] + "\n", flush=True)
+        sections.append(profile_taskgate(plan, children, taskgate))
+        print(sections[-1] + "\n", flush=True)
+        for server in (taskgate, naive, flower):
+            children.stop(server.process)
+        sections.append(run_dispatch_lag(plan, children, redis, db))
+        print(sections[-1] + "\n", flush=True)
+        sections.append(STALL_NOTE)
+        print(sections[-1], flush=True)
+    finally:
+        children.close()
+        if redis is not None:
+            redis.close()
+        try:
+            db.drop()
+        except Exception as exc:  # noqa: BLE001 - report it, keep the original error
+            announce(f"could not drop database {db.name}: {exc!r}")
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run (a few seconds per measurement)"
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    plan = QUICK if args.quick else DEFAULT
+    started = time.monotonic()
+    text = run(plan, args.quick)
+    name = "report-quick.txt" if args.quick else "report.txt"
+    (OUT / name).write_text(text)
+    announce(f"done in {time.monotonic() - started:.0f}s; report in {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
