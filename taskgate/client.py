@@ -82,6 +82,8 @@ def _cut_short(task_id: str) -> Internal:
 class AsyncClient:
     """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
 
+    Build it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
+
     Args:
         target: the gateway's address, ``host:port``.
         credentials: TLS channel credentials; None means a plaintext channel.
