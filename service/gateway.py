@@ -20,7 +20,9 @@ from service.store import TaskStore
 
 log = logging.getLogger(__name__)
 
-#: A far-future task is published this long before its run_time (with a Celery eta).
+#: A held task becomes publishable once its run_time is this close (the schedule horizon,
+#: at least this lead), and is published with a Celery eta: a burst of tasks due at the
+#: same moment has the whole horizon to reach the broker.
 DISPATCH_LEAD = dt.timedelta(seconds=2)
 
 
@@ -99,7 +101,8 @@ class Gateway:
             headers=spec.headers,
         )
         held = run_time - now > self._limits.schedule_horizon
-        publish_after = run_time - DISPATCH_LEAD if held else now + self._outbox.lease
+        lead = max(self._limits.schedule_horizon, DISPATCH_LEAD)
+        publish_after = run_time - lead if held else now + self._outbox.lease
         stored, created = await self._store.insert(
             record, delivery, fingerprint=spec.fingerprint(), publish_after=publish_after
         )

@@ -139,6 +139,12 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop the loops, write what is pending, and close every connection."""
+        # cancelling the outbox mid-batch would leave published rows unmarked (and so
+        # published again by the relay): let it finish the batch in hand instead
+        self.outbox.request_stop()
+        outbox_task = next(t for t in self.background if t.get_name() == "taskgate-outbox")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(outbox_task), 15)
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
