@@ -52,6 +52,37 @@ class Settings(CelerySettings):
     health_interval: float = Field(
         5.0, gt=0, validation_alias=_env("TASKGATE_HEALTH_INTERVAL", "health_interval")
     )
+    #: Path of the TOML file declaring the callers (see service/callers.py); empty = open mode.
+    auth_file: str = Field("", validation_alias=_env("TASKGATE_AUTH_FILE", "auth_file"))
+    #: Allow open mode (no auth file) on a non-loopback address.
+    allow_insecure: bool = Field(False, validation_alias=_env("TASKGATE_ALLOW_INSECURE", "allow_insecure"))
+    #: Serve reflection to callers without credentials.
+    reflection_open: bool = Field(False, validation_alias=_env("TASKGATE_REFLECTION_OPEN", "reflection_open"))
+    #: PEM paths of the server's certificate and key; both set = TLS.
+    tls_cert: str = Field("", validation_alias=_env("TASKGATE_TLS_CERT", "tls_cert"))
+    tls_key: str = Field("", validation_alias=_env("TASKGATE_TLS_KEY", "tls_key"))
+    #: PEM path of the CA that signs client certificates; set = clients must present one.
+    tls_client_ca: str = Field("", validation_alias=_env("TASKGATE_TLS_CLIENT_CA", "tls_client_ca"))
+    #: Largest request message, in bytes.
+    max_message_bytes: int = Field(
+        1024 * 1024, gt=0, validation_alias=_env("TASKGATE_MAX_MESSAGE_BYTES", "max_message_bytes")
+    )
+    #: Deepest nesting of lists and objects in args / kwargs.
+    max_args_depth: int = Field(32, gt=0, validation_alias=_env("TASKGATE_MAX_ARGS_DEPTH", "max_args_depth"))
+    #: Serialized size of args + kwargs, in bytes.
+    max_args_bytes: int = Field(
+        256 * 1024, gt=0, validation_alias=_env("TASKGATE_MAX_ARGS_BYTES", "max_args_bytes")
+    )
+    #: Open StreamProgress calls per caller.
+    max_streams_per_caller: int = Field(
+        100, gt=0, validation_alias=_env("TASKGATE_MAX_STREAMS_PER_CALLER", "max_streams_per_caller")
+    )
+    #: Open StreamProgress calls per process.
+    max_streams: int = Field(10_000, gt=0, validation_alias=_env("TASKGATE_MAX_STREAMS", "max_streams"))
+    #: Seconds a StreamProgress call may stay open.
+    stream_lifetime: float = Field(
+        3600.0, gt=0, validation_alias=_env("TASKGATE_STREAM_LIFETIME", "stream_lifetime")
+    )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
 

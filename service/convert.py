@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -15,13 +16,22 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from service.domain import Progress, TaskRecord, TaskSpec, TaskState
 from service.errors import InvalidRequest
+from service.limits import InputLimits
 from taskgate.v1 import task_service_pb2 as pb
 
 MAX_NAME_LENGTH = 255
+#: task_name and queue: Celery names, nothing that could smuggle anything into a log or a key.
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]*$")
+#: request_id: printable ASCII.
+_PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")
+DEFAULT_LIMITS = InputLimits()
+#: Seconds; beyond this a run time would overflow a datetime (the server's maximum is far lower).
+MAX_COUNTDOWN = 1000 * 365 * 86400.0
 _MAX_SAFE_INT = 2**53
 
 
 _TaskRequest = pb.EnqueueRequest | pb.EnqueueAtRequest
+_Node = struct_pb2.ListValue | struct_pb2.Struct
 
 
 # --- times ---------------------------------------------------------------------------
@@ -30,6 +40,14 @@ _TaskRequest = pb.EnqueueRequest | pb.EnqueueAtRequest
 def to_datetime(ts: timestamp_pb2.Timestamp) -> dt.datetime:
     """A Timestamp as an aware UTC datetime."""
     return ts.ToDatetime(tzinfo=dt.UTC)
+
+
+def _time_field(name: str, ts: timestamp_pb2.Timestamp) -> dt.datetime:
+    """A request's Timestamp field; out-of-range seconds or nanos are InvalidRequest."""
+    try:
+        return to_datetime(ts)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"{name} is not a valid timestamp (years 1 to 9999)") from None
 
 
 def to_timestamp(moment: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -96,12 +114,41 @@ def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
 # --- requests ---------------------------------------------------------------------------
 
 
-def _check_name(field: str, value: str, *, required: bool) -> str:
+def _check_name(field: str, value: str, *, required: bool, pattern: re.Pattern[str] = _NAME_RE) -> str:
     if required and not value:
         raise InvalidRequest(f"{field} is required")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidRequest(f"{field} is longer than {MAX_NAME_LENGTH} characters")
+    if not pattern.fullmatch(value):
+        allowed = "letters, digits and _ . : -" if pattern is _NAME_RE else "printable ASCII"
+        raise InvalidRequest(f"{field} may contain only {allowed}")
     return value
+
+
+def _check_arguments(request: _TaskRequest, limits: InputLimits) -> None:
+    """Refuse args / kwargs over the size or nesting limits (before decoding them)."""
+    size = request.args.ByteSize() + request.kwargs.ByteSize()
+    if size > limits.max_args_bytes:
+        raise InvalidRequest(
+            f"args and kwargs are {size} bytes serialized; "
+            f"the limit (max_args_bytes) is {limits.max_args_bytes}"
+        )
+    stack: list[tuple[_Node, int]] = [(request.args, 1), (request.kwargs, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limits.max_args_depth:
+            raise InvalidRequest(
+                f"args or kwargs are nested deeper than the limit (max_args_depth) of {limits.max_args_depth}"
+            )
+        values = node.values if isinstance(node, struct_pb2.ListValue) else node.fields.values()
+        for value in values:
+            kind = value.WhichOneof("kind")
+            if kind == "list_value":
+                stack.append((value.list_value, depth + 1))
+            elif kind == "struct_value":
+                stack.append((value.struct_value, depth + 1))
+            elif kind == "number_value" and not math.isfinite(value.number_value):
+                raise InvalidRequest("args and kwargs may not contain NaN or Infinity (JSON has neither)")
 
 
 #: Celery's own protocol headers: a caller must not override them (``task`` would bypass
@@ -122,40 +169,47 @@ def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return dict(headers)
 
 
-def _common_fields(request: _TaskRequest) -> dict[str, Any]:
+def _common_fields(request: _TaskRequest, limits: InputLimits) -> dict[str, Any]:
+    task_name = _check_name("task_name", request.task_name, required=True)
+    _check_arguments(request, limits)
     priority: int | None = None
     if request.HasField("priority"):
         priority = request.priority
         if not 0 <= priority <= 9:
             raise InvalidRequest(f"priority must be between 0 and 9, got {priority}")
-    expire_time = to_datetime(request.expire_time) if request.HasField("expire_time") else None
+    expire_time = _time_field("expire_time", request.expire_time) if request.HasField("expire_time") else None
     return {
-        "task_name": _check_name("task_name", request.task_name, required=True),
+        "task_name": task_name,
         "args": from_list_value(request.args),
         "kwargs": from_struct(request.kwargs),
         "queue": _check_name("queue", request.queue, required=False),
-        "request_id": _check_name("request_id", request.request_id, required=False),
+        "request_id": _check_name("request_id", request.request_id, required=False, pattern=_PRINTABLE_RE),
         "priority": priority,
         "expire_time": expire_time,
         "headers": _check_headers(request.headers),
     }
 
 
-def enqueue_spec(request: pb.EnqueueRequest) -> TaskSpec:
-    """Decode an EnqueueRequest; InvalidRequest names the field that is wrong."""
+def enqueue_spec(request: pb.EnqueueRequest, limits: InputLimits = DEFAULT_LIMITS) -> TaskSpec:
+    """Decode an EnqueueRequest; InvalidRequest names the field (or the limit) that is wrong."""
     countdown: float | None = None
     if request.HasField("countdown"):
-        countdown = request.countdown.ToTimedelta().total_seconds()
+        try:
+            countdown = request.countdown.ToTimedelta().total_seconds()
+        except (ValueError, OverflowError):
+            raise InvalidRequest("countdown is not a valid duration") from None
         if countdown < 0:
             raise InvalidRequest("countdown must not be negative")
-    return TaskSpec(countdown=countdown, **_common_fields(request))
+        if countdown > MAX_COUNTDOWN:
+            raise InvalidRequest("countdown is longer than 1000 years")
+    return TaskSpec(countdown=countdown, **_common_fields(request, limits))
 
 
-def enqueue_at_spec(request: pb.EnqueueAtRequest) -> TaskSpec:
+def enqueue_at_spec(request: pb.EnqueueAtRequest, limits: InputLimits = DEFAULT_LIMITS) -> TaskSpec:
     """Decode an EnqueueAtRequest; a missing run_time is InvalidRequest."""
     if not request.HasField("run_time"):
         raise InvalidRequest("run_time is required for EnqueueAt (use Enqueue to run at once)")
-    spec = TaskSpec(run_time=to_datetime(request.run_time), **_common_fields(request))
+    spec = TaskSpec(run_time=_time_field("run_time", request.run_time), **_common_fields(request, limits))
     if spec.expire_time is not None and spec.run_time is not None and spec.expire_time <= spec.run_time:
         raise InvalidRequest("expire_time must be after run_time")
     return spec
@@ -165,9 +219,7 @@ def task_id_of(request: pb.GetStatusRequest | pb.StreamProgressRequest) -> str:
     """The task id a request names; an empty one is InvalidRequest."""
     if not request.task_id:
         raise InvalidRequest("task_id is required")
-    if len(request.task_id) > MAX_NAME_LENGTH:
-        raise InvalidRequest(f"task_id is longer than {MAX_NAME_LENGTH} characters")
-    return request.task_id
+    return _check_name("task_id", request.task_id, required=True, pattern=_PRINTABLE_RE)
 
 
 # --- responses --------------------------------------------------------------------------

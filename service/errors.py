@@ -8,13 +8,18 @@
     │   └── ArgumentsDoNotBind   INVALID_ARGUMENT  args/kwargs do not fit the task's signature
     ├── TaskNotFound             NOT_FOUND         no task with that id was enqueued here
     ├── RequestIdConflict        ALREADY_EXISTS    request_id reused with a different request
+    ├── Unauthenticated          UNAUTHENTICATED   no or wrong credentials (one fixed message)
+    ├── PermissionDenied         PERMISSION_DENIED the caller may not enqueue this task
+    ├── LimitExceeded            RESOURCE_EXHAUSTED a limit was reached; the message names it
+    │   └── RateLimited          RESOURCE_EXHAUSTED over the caller's rate; RetryInfo says when
     └── Unavailable              UNAVAILABLE       a dependency is down; retry with backoff
         ├── DatabaseUnavailable
         ├── BrokerUnavailable
         └── ShuttingDown
 
 Anything else is a bug: the caller gets INTERNAL with a fixed message and the log gets the
-traceback.
+traceback. ``RateLimited`` also carries a ``google.rpc.RetryInfo`` in the status details
+(the ``grpc-status-details-bin`` trailer).
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc import aio
+from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,36 @@ class RequestIdConflict(TaskgateError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class Unauthenticated(TaskgateError):
+    """The call carries no credentials, or wrong ones."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TaskgateError):
+    """The caller is known but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class LimitExceeded(TaskgateError):
+    """A server limit was reached (streams, stream lifetime); the message names it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RateLimited(LimitExceeded):
+    """The caller enqueues faster than its rate.
+
+    Attributes:
+        retry_after: Seconds until the next enqueue would be accepted.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Unavailable(TaskgateError):
     """A dependency is unreachable; the caller may retry."""
 
@@ -90,6 +128,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+def status_details(exc: BaseException) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` (with details) to send for ``exc``; None when there are none."""
+    if not isinstance(exc, RateLimited):
+        return None
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1_000_000, int(exc.retry_after * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status_pb2.Status(code=exc.code.value[0], message=str(exc), details=[detail])
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -99,6 +148,9 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception, method:
         log.error("%s failed", method, exc_info=exc)
     else:
         log.info("%s -> %s: %s", method, code.name, message)
+    details = status_details(exc)
+    if details is not None:
+        await context.abort_with_status(rpc_status.to_status(details))
     await context.abort(code, message)
 
 

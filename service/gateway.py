@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from service.callers import OPEN, Caller
 from service.catalog import Catalog
 from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
-from service.errors import InvalidRequest, ShuttingDown, TaskNotFound, Unavailable
+from service.errors import InvalidRequest, PermissionDenied, ShuttingDown, TaskNotFound, Unavailable
 from service.outbox import Outbox
 from service.progress import ProgressHub, Signal
 from service.recorder import Recorder
@@ -64,14 +65,21 @@ class Gateway:
         self._recorder = recorder
         self._limits = limits or Limits()
 
-    async def enqueue(self, spec: TaskSpec, caller: str = "") -> Accepted:
+    async def enqueue(self, spec: TaskSpec, caller: Caller = OPEN) -> Accepted:
         """Validate, record durably, and hand to the outbox.
 
+        Args:
+            spec: The task to enqueue.
+            caller: Who asks; its name is recorded with the task (request_id is unique per caller).
+
         Raises:
+            PermissionDenied: the caller may not enqueue this task name (nothing is recorded).
             InvalidRequest: unknown task, arguments that do not bind, times out of range.
             RequestIdConflict: request_id reused for another request.
             DatabaseUnavailable: nothing was recorded.
         """
+        if not caller.may_enqueue(spec.task_name):
+            raise PermissionDenied(f"caller {caller.name!r} may not enqueue {spec.task_name!r}")
         self._catalog.check(spec.task_name, spec.args, spec.kwargs)
         now = dt.datetime.now(dt.UTC)
         run_time = self._run_time(spec, now)
@@ -84,7 +92,7 @@ class Gateway:
             state=state,
             queue=spec.queue,
             request_id=spec.request_id,
-            caller=caller,
+            caller=caller.name,
             create_time=now,
             run_time=run_time,
             update_time=now,
@@ -117,7 +125,7 @@ class Gateway:
             record.task_id,
             spec.request_id,
             spec.task_name,
-            caller,
+            caller.name,
             "held" if held else state.value,
         )
         return Accepted(record.task_id, state, deduplicated=False)
@@ -134,21 +142,21 @@ class Gateway:
             raise InvalidRequest(f"the run time is more than {days:g} days away (the server's maximum)")
         return run_time
 
-    async def get(self, task_id: str, caller: str = "") -> TaskRecord:
+    async def get(self, task_id: str, caller: Caller = OPEN) -> TaskRecord:
         """The task as it is now: the database's record, brought up to date from Redis.
 
         Raises:
-            TaskNotFound: no such task was enqueued here.
+            TaskNotFound: no such task was enqueued here, or ``caller`` may not read it.
         """
         record = await self._load(task_id, caller)
         record = await self._refresh(record)
         return record.as_of(dt.datetime.now(dt.UTC))
 
-    async def watch(self, task_id: str, caller: str = "") -> AsyncIterator[TaskRecord]:
+    async def watch(self, task_id: str, caller: Caller = OPEN) -> AsyncIterator[TaskRecord]:
         """The task's current snapshot, then each change, ending after a terminal state.
 
         Raises:
-            TaskNotFound: no such task was enqueued here.
+            TaskNotFound: no such task was enqueued here, or ``caller`` may not read it.
             ShuttingDown: the server is stopping.
         """
         record = await self._load(task_id, caller)
@@ -177,9 +185,10 @@ class Gateway:
             wait = min(wait, max(due, 0.0) + 0.01)
         return wait
 
-    async def _load(self, task_id: str, caller: str) -> TaskRecord:
+    async def _load(self, task_id: str, caller: Caller) -> TaskRecord:
         record = await self._store.get(task_id)
-        if record is None:
+        # another caller's task is answered exactly like an unknown one
+        if record is None or not caller.may_read(record.caller):
             raise TaskNotFound(f"no task with id {task_id!r} was enqueued through this gateway")
         return record
 

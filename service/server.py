@@ -13,12 +13,15 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
+from sqlalchemy.engine import make_url
 
+from service.auth import Authenticator, AuthInterceptor, Security, StartupError, security_from_settings
 from service.catalog import Catalog
 from service.config import Settings
 from service.dispatch import Publisher, send_only_app
 from service.errors import Unavailable
 from service.gateway import Gateway, Limits
+from service.limits import ServiceLimits
 from service.outbox import Outbox
 from service.progress import ProgressHub
 from service.recorder import Recorder
@@ -31,29 +34,47 @@ from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
-MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 def build_server(
-    gateway: Gateway, health_servicer: health.aio.HealthServicer, listen: str
+    gateway: Gateway,
+    health_servicer: health.aio.HealthServicer,
+    listen: str,
+    *,
+    security: Security | None = None,
+    limits: ServiceLimits | None = None,
 ) -> tuple[aio.Server, int]:
     """A gRPC server with TaskService, health and reflection, bound to ``listen``.
+
+    Args:
+        gateway: The use cases.
+        health_servicer: The health service (kept up to date by the runtime).
+        listen: host:port; port 0 picks a free one.
+        security: Who may call and the TLS credentials; None = open mode, plaintext.
+        limits: Request and stream limits; None = the defaults.
 
     Returns:
         The (not yet started) server and the port it bound (useful with port 0).
     """
+    security = security or Security(Authenticator.open())
+    limits = limits or ServiceLimits()
     server = aio.server(
+        interceptors=[AuthInterceptor(security.authenticator)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 1),
-        ]
+        ],
     )
-    pb_grpc.add_TaskServiceServicer_to_server(TaskServicer(gateway), server)
+    servicer = TaskServicer(gateway, security.authenticator, limits)
+    pb_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     names = (SERVICE_NAME, health_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    if security.credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, security.credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, port
@@ -147,6 +168,14 @@ class Runtime:
             await asyncio.wait_for(asyncio.shield(outbox_task), 15)
         for task in self.background:
             task.cancel()
+        # On Python 3.11 ``asyncio.wait_for`` loses a cancellation that lands just as the
+        # awaited event fires, and a loop built on it then runs on: cancel again until done.
+        pending = set(self.background)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            for task in pending:
+                log.debug("background task %s ignored a cancellation; cancelling again", task.get_name())
+                task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.outbox.run_once()
@@ -157,13 +186,43 @@ class Runtime:
         await self.store.close()
 
 
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and messages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show nothing of it
+        return "<unparsable URL>"
+
+
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then stop gracefully."""
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully.
+
+    Exits with status 2 (SystemExit) when the security settings are unusable: a malformed
+    auth file, unreadable TLS files, or open mode on a non-loopback address. They are checked
+    before connecting anywhere; the log line names the file and the problem.
+    """
+    try:
+        security = security_from_settings(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
+    log.info("database %s", masked_url(settings.database_url))
     runtime = await Runtime.start(settings)
-    server, port = build_server(runtime.gateway, runtime.health, settings.listen)
+    try:
+        server, port = build_server(
+            runtime.gateway,
+            runtime.health,
+            settings.listen,
+            security=security,
+            limits=ServiceLimits.from_settings(settings),
+        )
+    except BaseException:
+        await runtime.stop()
+        raise
     await server.start()
     host = settings.listen.rsplit(":", 1)[0]
-    log.info("taskgate listening on %s:%d", host, port)
+    scheme = "TLS" if security.credentials is not None else "plaintext"
+    log.info("taskgate listening on %s:%d (%s)", host, port, scheme)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,30 +1,85 @@
-"""The TaskService servicer: decode, call the use case, encode. Nothing else."""
+"""The TaskService servicer: identify the caller, apply limits, decode, call the use case, encode."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from grpc import aio
 
 from service import convert
-from service.errors import grpc_errors
-from service.gateway import Gateway
+from service.auth import Authenticator
+from service.callers import Caller
+from service.domain import TaskRecord, TaskSpec
+from service.errors import LimitExceeded, TaskgateError, grpc_errors
+from service.gateway import Accepted, Gateway
+from service.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
 Context = aio.ServicerContext[Any, Any]
+R = TypeVar("R", pb.EnqueueRequest, pb.EnqueueAtRequest)
+
+#: One line per Enqueue / EnqueueAt call: who, which task, the outcome. Never the arguments.
+audit = logging.getLogger("taskgate.audit")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 255 else f"{text[:255]}…"
 
 
 class TaskServicer(pb_grpc.TaskServiceServicer):
     """Implements taskgate.v1.TaskService on top of the Gateway."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        authenticator: Authenticator | None = None,
+        limits: ServiceLimits | None = None,
+    ) -> None:
         self._gateway = gateway
+        self._auth = authenticator or Authenticator.open()
+        self._limits = limits or ServiceLimits()
+        self._rate = RateLimiter()
+        self._streams = StreamSlots(self._limits.max_streams_per_caller, self._limits.max_streams)
+
+    @property
+    def open_streams(self) -> int:
+        """How many StreamProgress calls are open (for tests and metrics)."""
+        return self._streams.open_count
+
+    async def _enqueue(
+        self, request: R, context: Context, decode: Callable[[R, InputLimits], TaskSpec]
+    ) -> Accepted:
+        caller = self._auth.caller_of(context)
+        task_id, outcome = "", "INTERNAL"
+        try:
+            self._rate.check(caller)
+            accepted = await self._gateway.enqueue(decode(request, self._limits.input), caller)
+            task_id = accepted.task_id
+            outcome = "deduplicated" if accepted.deduplicated else "accepted"
+            return accepted
+        except TaskgateError as exc:
+            outcome = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            audit.info(
+                "caller=%r task_name=%r task_id=%s request_id=%r outcome=%s",
+                caller.name,
+                _clip(request.task_name),
+                task_id or "-",
+                _clip(request.request_id),
+                outcome,
+            )
 
     @grpc_errors
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:  # noqa: N802
-        accepted = await self._gateway.enqueue(convert.enqueue_spec(request))
+        accepted = await self._enqueue(request, context, convert.enqueue_spec)
         return pb.EnqueueResponse(
             task_id=accepted.task_id,
             state=convert.state_to_proto(accepted.state),
@@ -33,7 +88,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
 
     @grpc_errors
     async def EnqueueAt(self, request: pb.EnqueueAtRequest, context: Context) -> pb.EnqueueAtResponse:  # noqa: N802
-        accepted = await self._gateway.enqueue(convert.enqueue_at_spec(request))
+        accepted = await self._enqueue(request, context, convert.enqueue_at_spec)
         return pb.EnqueueAtResponse(
             task_id=accepted.task_id,
             state=convert.state_to_proto(accepted.state),
@@ -42,12 +97,41 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
 
     @grpc_errors
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.GetStatusResponse:  # noqa: N802
-        record = await self._gateway.get(convert.task_id_of(request))
+        caller = self._auth.caller_of(context)
+        record = await self._gateway.get(convert.task_id_of(request), caller)
         return pb.GetStatusResponse(task=convert.task_to_proto(record))
 
     @grpc_errors
     async def StreamProgress(  # noqa: N802
         self, request: pb.StreamProgressRequest, context: Context
     ) -> AsyncIterator[pb.StreamProgressResponse]:
-        async for record in self._gateway.watch(convert.task_id_of(request)):
-            yield pb.StreamProgressResponse(task=convert.task_to_proto(record))
+        caller = self._auth.caller_of(context)
+        task_id = convert.task_id_of(request)
+        with self._streams.hold(caller):
+            async for record in self._watch(task_id, caller):
+                yield pb.StreamProgressResponse(task=convert.task_to_proto(record))
+
+    async def _watch(self, task_id: str, caller: Caller) -> AsyncIterator[TaskRecord]:
+        """The gateway's watch, ended with LimitExceeded once the stream lifetime is over.
+
+        Each step runs under ``asyncio.wait_for``, so the time-out cancels the gateway's
+        generator (which releases its hub inbox) rather than grpc's own write.
+        """
+        lifetime = self._limits.stream_lifetime
+        deadline = asyncio.get_running_loop().time() + lifetime
+        records = self._gateway.watch(task_id, caller)
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    record = await asyncio.wait_for(anext(records), max(remaining, 0.0))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise LimitExceeded(
+                        f"stream lifetime limit ({lifetime:g} s) reached; call StreamProgress again"
+                    ) from None
+                yield record
+        finally:
+            if isinstance(records, AsyncGenerator):
+                await records.aclose()
