@@ -1,9 +1,15 @@
-"""Handing tasks to the Celery broker, off the event loop.
+"""Handing tasks to the Celery broker.
 
-The gateway's Celery app only sends: it has no result backend, so it never subscribes to
-the reply channel of each task it sends. Celery and kombu are synchronous, so every
-publish runs on one dedicated thread with one producer (one broker connection); that
-bounds the work off the loop and keeps kombu's per-publish cost from multiplying.
+Two publishers with one interface:
+
+- ``RedisPublisher`` (a ``redis://`` or ``rediss://`` broker, the default): builds each
+  Celery message itself (``service.celery_message``) and LPUSHes a whole batch in one
+  pipelined round trip on one asyncio connection. No thread, no kombu: about 20 µs of
+  Python per task instead of ``send_task``'s 500.
+- ``CeleryPublisher`` (any other broker, e.g. RabbitMQ): ``send_task`` with a send-only app.
+  Celery and kombu are synchronous, so every publish runs on one dedicated thread with one
+  producer; the app has no result backend, so it never subscribes to the reply channel of
+  each task it sends.
 """
 
 from __future__ import annotations
@@ -11,17 +17,120 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
+import redis.asyncio as aioredis
 from celery import Celery
+from redis.exceptions import RedisError
 
+from service.celery_message import RedisLayout, build_message
 from service.domain import Delivery
 from service.errors import BrokerUnavailable
 from workers.config import CelerySettings, common_conf
 
 log = logging.getLogger(__name__)
+
+#: Deliveries encoded between two awaits: bounds how long the event loop is held.
+ENCODE_CHUNK = 100
+
+
+class Publisher(Protocol):
+    """Publishes deliveries to the broker."""
+
+    async def publish(self, deliveries: Sequence[Delivery]) -> list[str]:
+        """Publish in order; return the ids the broker accepted (a prefix of the input).
+
+        Raises:
+            BrokerUnavailable: not even the first one could be published.
+        """
+        ...
+
+    async def aping(self) -> None:
+        """Raise BrokerUnavailable unless the broker answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the broker connections."""
+        ...
+
+
+def publisher_for(settings: CelerySettings) -> Publisher:
+    """The fastest publisher that speaks the configured broker."""
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return RedisPublisher.from_settings(settings)
+    return CeleryPublisher(send_only_app(settings))
+
+
+class RedisPublisher:
+    """Pushes Celery messages onto kombu's Redis lists, a batch per round trip."""
+
+    def __init__(self, client: aioredis.Redis, layout: RedisLayout) -> None:
+        self._client = client
+        self._layout = layout
+        self._declared: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: CelerySettings) -> RedisPublisher:
+        """A publisher on one connection to ``settings.broker_url``."""
+        options = common_conf(settings)["broker_transport_options"]
+        layout = RedisLayout(
+            key_prefix=options.get("global_keyprefix", ""),
+            priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
+            sep=options.get("sep", "\x06\x16"),
+        )
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.broker_url,
+            max_connections=1,
+            timeout=10,
+            socket_timeout=5,
+            socket_connect_timeout=3,
+            client_name=f"taskgate-{os.getpid()}-publish",
+        )
+        return cls(aioredis.Redis.from_pool(pool), layout)
+
+    async def publish(self, deliveries: Sequence[Delivery]) -> list[str]:
+        if not deliveries:
+            return []
+        now = dt.datetime.now(dt.UTC)
+        pipe = self._client.pipeline(transaction=False)
+        new_queues: set[str] = set()
+        for start in range(0, len(deliveries), ENCODE_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # let other callbacks run between chunks
+            by_key: dict[str, list[str]] = {}
+            for delivery in deliveries[start : start + ENCODE_CHUNK]:
+                queue = self._layout.queue_name(delivery)
+                if queue not in self._declared:
+                    new_queues.add(queue)
+                message = build_message(delivery, self._layout, now)
+                by_key.setdefault(self._layout.list_key(delivery), []).append(message)
+            for key, messages in by_key.items():
+                pipe.lpush(key, *messages)
+        for queue in new_queues:
+            binding, permanent, member = self._layout.binding_keys(queue)
+            pipe.sadd(binding, member)
+            pipe.sadd(permanent, member)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # what reached Redis is unknown: all stay in the outbox; a second delivery of
+            # an id that did arrive is skipped by the workers (workers.guard)
+            log.warning("broker unreachable, %d task(s) left in the outbox: %r", len(deliveries), exc)
+            raise BrokerUnavailable("the broker is unreachable") from exc
+        self._declared |= new_queues
+        return [delivery.task_id for delivery in deliveries]
+
+    async def aping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("the broker is unreachable") from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def send_only_app(settings: CelerySettings) -> Celery:
@@ -58,21 +167,15 @@ def send_options(delivery: Delivery, now: dt.datetime) -> dict[str, Any]:
     return options
 
 
-class Publisher:
-    """Publishes deliveries to the broker on one background thread."""
+class CeleryPublisher:
+    """Publishes deliveries with ``send_task`` on one background thread."""
 
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskgate-publish")
 
     async def publish(self, deliveries: Sequence[Delivery]) -> list[str]:
-        """Publish in order; return the ids the broker accepted.
-
-        Stops at the first failure: the rest stay in the outbox for the relay.
-
-        Raises:
-            BrokerUnavailable: not even the first one could be published.
-        """
+        """Publish in order; stops at the first failure (the rest stay in the outbox)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._publish_blocking, list(deliveries))
 
@@ -91,20 +194,21 @@ class Publisher:
             log.warning("publish stopped after %d of %d: %r", len(done), len(deliveries), exc)
         return done
 
-    def ping(self) -> None:
-        """Blocking: raise unless the broker answers (for health checks, off the loop)."""
+    def _ping(self) -> None:
         with self._app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
 
     async def aping(self) -> None:
-        """Raise BrokerUnavailable unless the broker answers."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self.ping)
+            await loop.run_in_executor(self._executor, self._ping)
         except Exception as exc:
             raise BrokerUnavailable("the broker is unreachable") from exc
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Wait for the publishing thread to finish and release the broker connections."""
+        await asyncio.to_thread(self._close_blocking)
+
+    def _close_blocking(self) -> None:
         self._executor.shutdown(wait=True)
         self._app.close()

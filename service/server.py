@@ -18,10 +18,11 @@ from sqlalchemy.engine import make_url
 from service.auth import Authenticator, AuthInterceptor, Security, StartupError, security_from_settings
 from service.catalog import Catalog
 from service.config import Settings
-from service.dispatch import Publisher, send_only_app
+from service.dispatch import Publisher, publisher_for
 from service.errors import Unavailable
 from service.gateway import Gateway, Limits
 from service.limits import ServiceLimits
+from service.loopwatch import LoopWatch
 from service.outbox import Outbox
 from service.progress import ProgressHub
 from service.recorder import Recorder
@@ -113,7 +114,7 @@ class Runtime:
         except BaseException:
             await store.close()
             raise
-        publisher = Publisher(send_only_app(settings))
+        publisher = publisher_for(settings)
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
@@ -182,7 +183,7 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.recorder.flush()
         await self.hub.close()
-        await asyncio.to_thread(self.publisher.close)
+        await self.publisher.aclose()
         await self.store.close()
 
 
@@ -208,6 +209,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         raise SystemExit(2) from None
     log.info("database %s", masked_url(settings.database_url))
     runtime = await Runtime.start(settings)
+    watch = LoopWatch()  # stopped with the runtime's other background tasks
+    runtime.background.append(asyncio.create_task(watch.run(), name="taskgate-loopwatch"))
     try:
         server, port = build_server(
             runtime.gateway,
@@ -227,6 +230,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, watch.log_report)  # event-loop stall stats to the log
     if ready is not None:
         ready.set()
     try:
