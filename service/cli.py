@@ -24,8 +24,14 @@ def _setup_logging(level: str) -> None:
 def _serve(settings: Settings) -> int:
     from service.server import serve
 
+    loop_factory = None
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings))
     except SchemaNotCurrent as exc:
         log.error("%s", exc)
         return 2

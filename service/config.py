@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 
 from workers.config import CelerySettings
@@ -73,6 +75,8 @@ class Settings(CelerySettings):
     max_args_bytes: int = Field(
         256 * 1024, gt=0, validation_alias=_env("TASKGATE_MAX_ARGS_BYTES", "max_args_bytes")
     )
+    #: Most tasks in one EnqueueBatch call.
+    max_batch: int = Field(1000, gt=0, validation_alias=_env("TASKGATE_MAX_BATCH", "max_batch"))
     #: Open StreamProgress calls per caller.
     max_streams_per_caller: int = Field(
         100, gt=0, validation_alias=_env("TASKGATE_MAX_STREAMS_PER_CALLER", "max_streams_per_caller")
@@ -82,6 +86,10 @@ class Settings(CelerySettings):
     #: Seconds a StreamProgress call may stay open.
     stream_lifetime: float = Field(
         3600.0, gt=0, validation_alias=_env("TASKGATE_STREAM_LIFETIME", "stream_lifetime")
+    )
+    #: The asyncio event loop ``taskgate serve`` runs on: ``uvloop`` (faster) or ``asyncio``.
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", validation_alias=_env("TASKGATE_EVENT_LOOP", "event_loop")
     )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))

@@ -61,6 +61,17 @@ class ArgumentsDoNotBind(InvalidRequest):
     """The arguments do not fit the task's signature."""
 
 
+class InvalidTasks(InvalidRequest):
+    """Tasks of a batch are invalid: one ``(field, description)`` per task, by index."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        field, description = violations[0]
+        more = len(violations) - 1
+        suffix = f" (and {more} more invalid task{'s' if more > 1 else ''}; see the BadRequest details)"
+        super().__init__(f"{field}: {description}" + (suffix if more else ""))
+        self.violations = violations
+
+
 class TaskNotFound(TaskgateError):
     """No task with this id was enqueued through the gateway."""
 
@@ -130,12 +141,19 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def status_details(exc: BaseException) -> status_pb2.Status | None:
     """The ``google.rpc.Status`` (with details) to send for ``exc``; None when there are none."""
-    if not isinstance(exc, RateLimited):
-        return None
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(max(1_000_000, int(exc.retry_after * 1e9)))
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    if isinstance(exc, RateLimited):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(exc.retry_after * 1e9)))
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    elif isinstance(exc, InvalidTasks):
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+            for field, description in exc.violations
+        ]
+        detail.Pack(error_details_pb2.BadRequest(field_violations=violations))
+    else:
+        return None
     return status_pb2.Status(code=exc.code.value[0], message=str(exc), details=[detail])
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -13,11 +14,18 @@ from redis.exceptions import RedisError
 from service.callers import OPEN, Caller
 from service.catalog import Catalog
 from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
-from service.errors import InvalidRequest, PermissionDenied, ShuttingDown, TaskNotFound, Unavailable
+from service.errors import (
+    InvalidRequest,
+    InvalidTasks,
+    PermissionDenied,
+    ShuttingDown,
+    TaskNotFound,
+    Unavailable,
+)
 from service.outbox import Outbox
 from service.progress import ProgressHub, Signal
 from service.recorder import Recorder
-from service.store import TaskStore
+from service.store import NewTask, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,8 @@ log = logging.getLogger(__name__)
 #: at least this lead), and is published with a Celery eta: a burst of tasks due at the
 #: same moment has the whole horizon to reach the broker.
 DISPATCH_LEAD = dt.timedelta(seconds=2)
+#: Tasks of a batch checked between two yields to the event loop.
+YIELD_EVERY = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +88,74 @@ class Gateway:
             RequestIdConflict: request_id reused for another request.
             DatabaseUnavailable: nothing was recorded.
         """
+        now = dt.datetime.now(dt.UTC)
+        new = self._prepare(spec, caller, now)
+        stored, created = await self._store.insert(new)
+        if not created:
+            log.info("task_id=%s request_id=%s deduplicated", stored.task_id, spec.request_id)
+            current = await self._refresh(stored)
+            return Accepted(stored.task_id, current.as_of(now).state, deduplicated=True)
+        if not new.held:
+            self._outbox.submit(new.delivery)
+        return Accepted(new.record.task_id, new.record.state, deduplicated=False)
+
+    async def enqueue_batch(
+        self, specs: Sequence[Callable[[], TaskSpec]], caller: Caller = OPEN, *, request_id: str = ""
+    ) -> tuple[list[Accepted], bool]:
+        """Validate every task, record them all in one transaction, hand them to the outbox.
+
+        Args:
+            specs: A decoder per task (raising InvalidRequest for a malformed one), so that
+                malformed and refused tasks are reported together; each task has its own
+                request_id (derived from the batch's) or none.
+            caller: Who asks.
+            request_id: The batch's request_id, for logs and conflict messages.
+
+        Returns:
+            The accepted tasks in order, and whether the batch was a repeat (nothing new).
+
+        Raises:
+            InvalidTasks: one violation per invalid (or forbidden) task, by index; nothing
+                is recorded.
+            RequestIdConflict: the batch's request_id was used for other tasks.
+            DatabaseUnavailable: nothing was recorded.
+        """
+        now = dt.datetime.now(dt.UTC)
+        news: list[NewTask] = []
+        violations: list[tuple[str, str]] = []
+        for index, spec in enumerate(specs):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a large batch must not hold the event loop
+            try:
+                news.append(self._prepare(spec(), caller, now))
+            except (InvalidRequest, PermissionDenied) as exc:
+                violations.append((f"tasks[{index}]", str(exc)))
+        if violations:
+            raise InvalidTasks(violations)
+        stored, created = await self._store.insert_batch(news, request_id=request_id)
+        if not created:
+            log.info("request_id=%s: repeated batch of %d tasks, deduplicated", request_id, len(stored))
+            return [Accepted(r.task_id, r.as_of(now).state, deduplicated=True) for r in stored], True
+        self._outbox.submit_many([new.delivery for new in news if not new.held])
+        return [Accepted(new.record.task_id, new.record.state, deduplicated=False) for new in news], False
+
+    def _prepare(self, spec: TaskSpec, caller: Caller, now: dt.datetime) -> NewTask:
+        """Check a task and build its row.
+
+        Raises:
+            PermissionDenied: the caller may not enqueue this task name.
+            InvalidRequest: unknown task, arguments that do not bind, times out of range.
+        """
         if not caller.may_enqueue(spec.task_name):
             raise PermissionDenied(f"caller {caller.name!r} may not enqueue {spec.task_name!r}")
         self._catalog.check(spec.task_name, spec.args, spec.kwargs)
-        now = dt.datetime.now(dt.UTC)
         run_time = self._run_time(spec, now)
         if spec.expire_time is not None and spec.expire_time <= max(now, run_time):
             raise InvalidRequest("expire_time must be in the future and after the run time")
         state = TaskState.SCHEDULED if run_time > now else TaskState.QUEUED
+        task_id = str(uuid.uuid4())
         record = TaskRecord(
-            task_id=str(uuid.uuid4()),
+            task_id=task_id,
             task_name=spec.task_name,
             state=state,
             queue=spec.queue,
@@ -98,7 +166,7 @@ class Gateway:
             update_time=now,
         )
         delivery = Delivery(
-            task_id=record.task_id,
+            task_id=task_id,
             task_name=spec.task_name,
             args=spec.args,
             kwargs=spec.kwargs,
@@ -110,25 +178,14 @@ class Gateway:
         )
         held = run_time - now > self._limits.schedule_horizon
         lead = max(self._limits.schedule_horizon, DISPATCH_LEAD)
-        publish_after = run_time - lead if held else now + self._outbox.lease
-        stored, created = await self._store.insert(
-            record, delivery, fingerprint=spec.fingerprint(), publish_after=publish_after
+        return NewTask(
+            record=record,
+            delivery=delivery,
+            # only a request_id can be retried, so only then is the request's digest needed
+            fingerprint=spec.fingerprint() if spec.request_id else "",
+            publish_after=run_time - lead if held else now + self._outbox.lease,
+            held=held,
         )
-        if not created:
-            log.info("task_id=%s request_id=%s deduplicated", stored.task_id, spec.request_id)
-            current = await self._refresh(stored)
-            return Accepted(stored.task_id, current.as_of(now).state, deduplicated=True)
-        if not held:
-            self._outbox.submit(delivery)
-        log.info(
-            "task_id=%s request_id=%s task_name=%s caller=%s accepted (%s)",
-            record.task_id,
-            spec.request_id,
-            spec.task_name,
-            caller.name,
-            "held" if held else state.value,
-        )
-        return Accepted(record.task_id, state, deduplicated=False)
 
     def _run_time(self, spec: TaskSpec, now: dt.datetime) -> dt.datetime:
         if spec.run_time is not None:

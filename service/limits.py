@@ -30,6 +30,8 @@ class ServiceLimits:
     #: Largest request message the server reads, in bytes.
     max_message_bytes: int = 1024 * 1024
     input: InputLimits = field(default_factory=InputLimits)
+    #: Most tasks in one EnqueueBatch call.
+    max_batch: int = 1000
     #: Open StreamProgress calls per caller (not applied to the anonymous caller of open mode).
     max_streams_per_caller: int = 100
     #: Open StreamProgress calls in this process.
@@ -43,6 +45,7 @@ class ServiceLimits:
         return cls(
             max_message_bytes=settings.max_message_bytes,
             input=InputLimits(settings.max_args_depth, settings.max_args_bytes),
+            max_batch=settings.max_batch,
             max_streams_per_caller=settings.max_streams_per_caller,
             max_streams=settings.max_streams,
             stream_lifetime=settings.stream_lifetime,
@@ -62,8 +65,11 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
-    def check(self, caller: Caller) -> None:
-        """Take one token from the caller's bucket.
+    def check(self, caller: Caller, cost: int = 1) -> None:
+        """Take ``cost`` tokens (one per task) from the caller's bucket.
+
+        A request costing more than the bucket holds passes once the bucket is full and
+        leaves it in debt, so batches keep to the same long-run rate as single calls.
 
         Raises:
             RateLimited: the bucket is empty; ``retry_after`` says when one is back.
@@ -78,10 +84,11 @@ class RateLimiter:
             bucket = self._buckets[caller.name] = _Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        needed = min(float(cost), burst)
+        if bucket.tokens >= needed:
+            bucket.tokens -= cost
             return
-        retry_after = (1.0 - bucket.tokens) / rate
+        retry_after = (needed - bucket.tokens) / rate
         raise RateLimited(
             f"rate limit: caller {caller.name!r} may enqueue {rate:g} tasks per second; "
             f"retry in {math.ceil(retry_after * 1000)} ms",

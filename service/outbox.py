@@ -39,6 +39,7 @@ class Outbox:
         poll_interval: float = 0.5,
         batch_size: int = 500,
         max_pending: int = 50_000,
+        mark_interval: float = 0.1,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -47,6 +48,10 @@ class Outbox:
         self._batch_size = batch_size
         self._pending: collections.deque[Delivery] = collections.deque()
         self._max_pending = max_pending
+        #: published but not yet marked in the database; marked together, at most
+        #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile)
+        self._unmarked: list[str] = []
+        self._mark_interval = mark_interval
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._stopping = False
@@ -65,29 +70,75 @@ class Outbox:
         self._pending.append(delivery)
         self._wake.set()
 
+    def submit_many(self, deliveries: Sequence[Delivery]) -> None:
+        """``submit`` for several tasks (one wake-up)."""
+        room = self._max_pending - len(self._pending)
+        if len(deliveries) > room:
+            log.warning("%d task(s) left to the relay: fast path full", len(deliveries) - max(room, 0))
+        if room > 0:
+            self._pending.extend(deliveries[:room])
+            self._wake.set()
+
     def request_stop(self) -> None:
         """Let ``run`` return after the batch in hand is published and marked."""
         self._stopping = True
         self._wake.set()
 
     async def run(self) -> None:
-        """Publish until cancelled or asked to stop."""
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval + self._backoff)
-            self._wake.clear()
-            try:
-                await self.run_once()
-            except Unavailable as exc:
-                self._backoff = min(max(self._backoff * 2, 0.5), 5.0)
-                log.warning("outbox paused %.1fs: %s", self._backoff, exc)
+        """Publish until cancelled or asked to stop.
+
+        Just-committed tasks are published as soon as they arrive; the table is polled for
+        due rows every ``poll_interval`` seconds; published ids are marked in batches.
+        After a broker failure everything waits out a backoff (1 to 5 s).
+        """
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time()
+        next_mark = loop.time() + self._mark_interval
+        try:
+            while not self._stopping:
+                now = loop.time()
+                fast_path = bool(self._pending) and not self._backoff
+                deadline = min(next_poll, next_mark if self._unmarked else next_poll)
+                if not fast_path and deadline > now:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(deadline - now):
+                            await self._wake.wait()
+                self._wake.clear()
+                try:
+                    if not self._backoff or loop.time() >= next_poll:
+                        await self._publish_pending()
+                    if loop.time() >= next_poll:
+                        await self._relay_due()
+                        next_poll = loop.time() + self._poll_interval
+                    if self._unmarked and (
+                        loop.time() >= next_mark or len(self._unmarked) >= self._batch_size
+                    ):
+                        await self._mark()
+                        next_mark = loop.time() + self._mark_interval
+                except Unavailable as exc:
+                    self._backoff = min(max(self._backoff * 2, 1.0), 5.0)
+                    next_poll = loop.time() + self._backoff
+                    log.warning("outbox paused %.1fs: %s", self._backoff, exc)
+        finally:
+            with contextlib.suppress(Unavailable):
+                await self._mark()
 
     async def run_once(self) -> int:
-        """Publish what is pending now and what the table says is due; return how many."""
+        """Publish what is pending now and what the table says is due, mark it all; return how many."""
+        published = await self._publish_pending()
+        published += await self._relay_due()
+        await self._mark()
+        return published
+
+    async def _publish_pending(self) -> int:
         published = 0
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(self._batch_size, len(self._pending)))]
             published += await self._publish(batch)
+        return published
+
+    async def _relay_due(self) -> int:
+        published = 0
         while True:
             now = dt.datetime.now(dt.UTC)
             due = await self._store.claim_due(now, lease=self._lease, limit=self._batch_size)
@@ -106,11 +157,15 @@ class Outbox:
             await self._store.retry_publish_at([d.task_id for d in deliveries], retry_at)
             raise
         self._backoff = 0.0
-        now = dt.datetime.now(dt.UTC)
-        await self._store.mark_published(done, now)
+        self._unmarked.extend(done)
         if len(done) < len(deliveries):
             rest = [d.task_id for d in deliveries[len(done) :]]
-            await self._store.retry_publish_at(rest, now + dt.timedelta(seconds=1))
-        for task_id in done:
-            log.debug("task_id=%s published", task_id)
+            await self._store.retry_publish_at(rest, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
         return len(done)
+
+    async def _mark(self) -> None:
+        """Clear the outbox mark of everything published so far (one UPDATE per batch)."""
+        while self._unmarked:
+            batch = self._unmarked[: self._batch_size]
+            await self._store.mark_published(batch, dt.datetime.now(dt.UTC))
+            del self._unmarked[: len(batch)]

@@ -87,7 +87,8 @@ class Recorder:
         """Re-read unfinished tasks from Redis on request and every reconcile interval."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reconcile_now.wait(), self._reconcile_interval)
+                async with asyncio.timeout(self._reconcile_interval):
+                    await self._reconcile_now.wait()
             self._reconcile_now.clear()
             try:
                 await self.reconcile(hub)

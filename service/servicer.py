@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from service import convert
 from service.auth import Authenticator
 from service.callers import Caller
 from service.domain import TaskRecord, TaskSpec
-from service.errors import LimitExceeded, TaskgateError, grpc_errors
+from service.errors import InvalidRequest, LimitExceeded, TaskgateError, grpc_errors
 from service.gateway import Accepted, Gateway
 from service.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
 from taskgate.v1 import task_service_pb2 as pb
@@ -93,6 +94,54 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             task_id=accepted.task_id,
             state=convert.state_to_proto(accepted.state),
             deduplicated=accepted.deduplicated,
+        )
+
+    @grpc_errors
+    async def EnqueueBatch(  # noqa: N802
+        self, request: pb.EnqueueBatchRequest, context: Context
+    ) -> pb.EnqueueBatchResponse:
+        caller = self._auth.caller_of(context)
+        count, outcome = len(request.tasks), "INTERNAL"
+        request_id = ""
+        try:
+            if not request.tasks:
+                raise InvalidRequest("tasks is empty: a batch needs at least one task")
+            if count > self._limits.max_batch:
+                raise InvalidRequest(
+                    f"the batch has {count} tasks; the limit (max_batch) is {self._limits.max_batch}"
+                )
+            request_id = convert.batch_request_id(request)
+            self._rate.check(caller, cost=count)
+            specs = [
+                functools.partial(
+                    convert.batch_task_spec,
+                    task,
+                    f"{request_id}#{i}" if request_id else "",
+                    self._limits.input,
+                )
+                for i, task in enumerate(request.tasks)
+            ]
+            accepted, repeated = await self._gateway.enqueue_batch(specs, caller, request_id=request_id)
+            outcome = "deduplicated" if repeated else "accepted"
+        except TaskgateError as exc:
+            outcome = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            audit.info(
+                "caller=%r batch of %d tasks request_id=%r outcome=%s",
+                caller.name,
+                count,
+                _clip(request.request_id),
+                outcome,
+            )
+        return pb.EnqueueBatchResponse(
+            tasks=[
+                pb.EnqueuedTask(task_id=a.task_id, state=convert.state_to_proto(a.state)) for a in accepted
+            ],
+            deduplicated=repeated,
         )
 
     @grpc_errors

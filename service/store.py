@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -185,17 +187,103 @@ def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task about to be recorded: its record, what to publish, and its outbox mark."""
+
+    record: TaskRecord
+    delivery: Delivery
+    #: digest of the request (only needed with a request_id; empty otherwise)
+    fingerprint: str
+    #: when the outbox may publish it (the fast path's lease, or a held task's due time)
+    publish_after: dt.datetime
+    #: kept in the database until it is due (not handed to the fast path)
+    held: bool
+
+
+_INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("task_id", "varchar"),
+    ("task_name", "varchar"),
+    ("state", "varchar"),
+    ("queue", "varchar"),
+    ("args", "jsonb"),
+    ("kwargs", "jsonb"),
+    ("options", "jsonb"),
+    ("caller", "varchar"),
+    ("request_id", "varchar"),
+    ("fingerprint", "varchar"),
+    ("create_time", "timestamptz"),
+    ("run_time", "timestamptz"),
+    ("update_time", "timestamptz"),
+    ("publish_after", "timestamptz"),
+)
+_UNNEST_INSERT = "INSERT INTO tasks ({names}) SELECT {casts} FROM unnest({arrays}) AS t({names})".format(
+    names=", ".join(name for name, _ in _INSERT_COLUMNS),
+    # JSON travels as text and is cast per row; the other types go as typed arrays
+    casts=", ".join(f"t.{name}::jsonb" if kind == "jsonb" else f"t.{name}" for name, kind in _INSERT_COLUMNS),
+    arrays=", ".join(
+        f"${i}::{'text' if kind == 'jsonb' else kind}[]" for i, (_, kind) in enumerate(_INSERT_COLUMNS, 1)
+    ),
+)
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _row(new: NewTask) -> dict[str, Any]:
+    """The row as SQLAlchemy column values."""
+    record, delivery = new.record, new.delivery
+    return {
+        "task_id": record.task_id,
+        "task_name": record.task_name,
+        "state": record.state.value,
+        "queue": record.queue,
+        "args": delivery.args,
+        "kwargs": delivery.kwargs,
+        "options": _options_of(delivery),
+        "caller": record.caller,
+        "request_id": record.request_id or None,
+        "fingerprint": new.fingerprint,
+        "create_time": record.create_time,
+        "run_time": record.run_time,
+        "update_time": record.update_time,
+        "publish_after": new.publish_after,
+    }
+
+
+def _row_values(new: NewTask) -> tuple[Any, ...]:
+    """The row in ``_INSERT_COLUMNS`` order, JSON already encoded (for the unnest INSERT)."""
+    record, delivery = new.record, new.delivery
+    return (
+        record.task_id,
+        record.task_name,
+        record.state.value,
+        record.queue,
+        _json(delivery.args),
+        _json(delivery.kwargs),
+        _json(_options_of(delivery)),
+        record.caller,
+        record.request_id or None,
+        new.fingerprint,
+        record.create_time,
+        record.run_time,
+        record.update_time,
+        new.publish_after,
+    )
+
+
 class TaskStore:
     """Reads and writes task records."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._group_insert: GroupCommit[dict[str, Any]] = GroupCommit(self._insert_many)
+        self._group_insert: GroupCommit[NewTask] = GroupCommit(self._insert_many)
 
     @classmethod
     def connect(cls, url: str, *, pool_size: int = 10) -> TaskStore:
         """A store on a new engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``)."""
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        # No pre-ping: it costs a round trip per transaction. A connection the server
+        # dropped fails its next statement, is discarded by the pool, and the call
+        # answers UNAVAILABLE (retryable) instead.
+        kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
             kwargs["connect_args"] = {"timeout": 5}
@@ -228,14 +316,7 @@ class TaskStore:
         async with self._begin() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
-    async def insert(
-        self,
-        record: TaskRecord,
-        delivery: Delivery,
-        *,
-        fingerprint: str,
-        publish_after: dt.datetime,
-    ) -> tuple[TaskRecord, bool]:
+    async def insert(self, new: NewTask) -> tuple[TaskRecord, bool]:
         """Record a new task and its outbox mark in one transaction.
 
         Concurrent inserts without a request_id are committed together (group commit).
@@ -247,43 +328,94 @@ class TaskStore:
         Raises:
             RequestIdConflict: the request_id was used before with another request.
         """
-        values = {
-            "task_id": record.task_id,
-            "task_name": record.task_name,
-            "state": record.state.value,
-            "queue": record.queue,
-            "args": delivery.args,
-            "kwargs": delivery.kwargs,
-            "options": _options_of(delivery),
-            "caller": record.caller,
-            "request_id": record.request_id or None,
-            "fingerprint": fingerprint,
-            "create_time": record.create_time,
-            "run_time": record.run_time,
-            "update_time": record.update_time,
-            "publish_after": publish_after,
-        }
+        record = new.record
         if not record.request_id:
-            await self._group_insert.submit(values)
+            await self._group_insert.submit(new)
             return record, True
         async with self._begin() as conn:
             existing = await self._by_request_id(conn, record.caller, record.request_id)
             if existing is not None:
-                return self._same_request(existing, fingerprint), False
+                return self._same_request(existing, new.fingerprint), False
             try:
                 async with conn.begin_nested():
-                    await conn.execute(tasks.insert().values(values))
+                    await self._insert_rows(conn, [new])
             except sa.exc.IntegrityError:
                 existing = await self._by_request_id(conn, record.caller, record.request_id)
                 if existing is None:
                     raise
-                return self._same_request(existing, fingerprint), False
+                return self._same_request(existing, new.fingerprint), False
         return record, True
 
-    async def _insert_many(self, rows: Sequence[dict[str, Any]]) -> None:
-        """One transaction, one multi-row INSERT (tasks without a request_id)."""
+    async def insert_batch(
+        self, news: Sequence[NewTask], *, request_id: str = ""
+    ) -> tuple[list[TaskRecord], bool]:
+        """Record several tasks in one transaction: all of them, or (on any error) none.
+
+        When the tasks carry request_ids (one batch request_id, one per task), a batch
+        whose request_ids all exist with the same fingerprints is a repeat.
+
+        Returns:
+            ``(records, True)`` for new tasks; ``(originals, False)`` for a repeat.
+
+        Raises:
+            RequestIdConflict: some of the request_ids exist, or exist for other requests.
+        """
+        if not news:
+            return [], True
+        keyed = bool(news[0].record.request_id)
         async with self._begin() as conn:
-            await conn.execute(tasks.insert(), list(rows))
+            if keyed:
+                existing = await self._existing_batch(conn, news, request_id)
+                if existing is not None:
+                    return existing, False
+            try:
+                async with conn.begin_nested():
+                    await self._insert_rows(conn, news)
+            except sa.exc.IntegrityError:
+                existing = await self._existing_batch(conn, news, request_id) if keyed else None
+                if existing is None:
+                    raise
+                return existing, False
+        return [new.record for new in news], True
+
+    async def _existing_batch(
+        self, conn: AsyncConnection, news: Sequence[NewTask], request_id: str
+    ) -> list[TaskRecord] | None:
+        """The originals of a repeated batch; None if none of its request_ids exist."""
+        caller = news[0].record.caller
+        wanted = {new.record.request_id: new for new in news}
+        query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id.in_(list(wanted)))
+        rows = {row["request_id"]: row for row in (await conn.execute(query)).mappings()}
+        if not rows:
+            return None
+        same = len(rows) == len(wanted) and all(
+            rows[key]["fingerprint"] == new.fingerprint for key, new in wanted.items()
+        )
+        if not same:
+            raise RequestIdConflict(
+                f"request_id {request_id!r} was already used for a different batch; "
+                "use a new request_id for a new batch"
+            )
+        return [_record(rows[new.record.request_id]) for new in news]
+
+    async def _insert_many(self, news: Sequence[NewTask]) -> None:
+        """One transaction, one INSERT for many rows (the group commit's flush)."""
+        async with self._begin() as conn:
+            await self._insert_rows(conn, news)
+
+    async def _insert_rows(self, conn: AsyncConnection, news: Sequence[NewTask]) -> None:
+        """INSERT rows in the caller's transaction: on PostgreSQL one ``unnest`` statement
+        with one array per column (asyncpg encodes them in C), elsewhere executemany."""
+        if conn.dialect.name != "postgresql":
+            await conn.execute(tasks.insert(), [_row(new) for new in news])
+            return
+        columns: list[list[Any]] = [[] for _ in _INSERT_COLUMNS]
+        for new in news:
+            for values, value in zip(columns, _row_values(new), strict=True):
+                values.append(value)
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.execute(_UNNEST_INSERT, *columns)
 
     async def _by_request_id(self, conn: AsyncConnection, caller: str, request_id: str) -> RowMapping | None:
         query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id == request_id)

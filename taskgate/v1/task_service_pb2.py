@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskgate/v1/task_service.proto\x12\x0btaskgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x03\n\x0e\x45nqueueRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12,\n\tcountdown\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x07headers\x18\t \x03(\x0b\x32(.taskgate.v1.EnqueueRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"_\n\x0f\x45nqueueResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"\x8b\x03\n\x10\x45nqueueAtRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12,\n\x08run_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x07headers\x18\t \x03(\x0b\x32*.taskgate.v1.EnqueueAtRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"a\n\x11\x45nqueueAtResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"#\n\x10GetStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x11GetStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskgate.v1.Task\"(\n\x15StreamProgressRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x16StreamProgressResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskgate.v1.Task\"\xeb\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskgate.v1.Progress\x12&\n\x06result\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.taskgate.v1.TaskError\x12\x0f\n\x07retries\x18\x07 \x01(\x05\x12\r\n\x05queue\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x0e \x01(\t\"e\n\x08Progress\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t*\xd4\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x18\n\x14TASK_STATE_SCHEDULED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x17\n\x13TASK_STATE_RETRYING\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x32\xcd\x02\n\x0bTaskService\x12\x44\n\x07\x45nqueue\x12\x1b.taskgate.v1.EnqueueRequest\x1a\x1c.taskgate.v1.EnqueueResponse\x12J\n\tEnqueueAt\x12\x1d.taskgate.v1.EnqueueAtRequest\x1a\x1e.taskgate.v1.EnqueueAtResponse\x12O\n\tGetStatus\x12\x1d.taskgate.v1.GetStatusRequest\x1a\x1e.taskgate.v1.GetStatusResponse\"\x03\x90\x02\x01\x12[\n\x0eStreamProgress\x12\".taskgate.v1.StreamProgressRequest\x1a#.taskgate.v1.StreamProgressResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskgate/v1/task_service.proto\x12\x0btaskgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x03\n\x0e\x45nqueueRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12,\n\tcountdown\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x07headers\x18\t \x03(\x0b\x32(.taskgate.v1.EnqueueRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"_\n\x0f\x45nqueueResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"\x8b\x03\n\x10\x45nqueueAtRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\x08priority\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12,\n\x08run_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x07headers\x18\t \x03(\x0b\x32*.taskgate.v1.EnqueueAtRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"a\n\x11\x45nqueueAtResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"P\n\x13\x45nqueueBatchRequest\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.taskgate.v1.BatchTask\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\xa7\x03\n\tBatchTask\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05queue\x18\x04 \x01(\t\x12\x15\n\x08priority\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12.\n\tcountdown\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x12.\n\x08run_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07headers\x18\t \x03(\x0b\x32#.taskgate.v1.BatchTask.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08scheduleB\x0b\n\t_priority\"V\n\x14\x45nqueueBatchResponse\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.taskgate.v1.EnqueuedTask\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\"F\n\x0c\x45nqueuedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.taskgate.v1.TaskState\"#\n\x10GetStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x11GetStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskgate.v1.Task\"(\n\x15StreamProgressRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"9\n\x16StreamProgressResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.taskgate.v1.Task\"\xeb\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttask_name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.taskgate.v1.TaskState\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x15.taskgate.v1.Progress\x12&\n\x06result\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.taskgate.v1.TaskError\x12\x0f\n\x07retries\x18\x07 \x01(\x05\x12\r\n\x05queue\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x0e \x01(\t\"e\n\x08Progress\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\x12(\n\x07\x64\x65tails\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t*\xd4\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x18\n\x14TASK_STATE_SCHEDULED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x17\n\x13TASK_STATE_RETRYING\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x32\xa2\x03\n\x0bTaskService\x12\x44\n\x07\x45nqueue\x12\x1b.taskgate.v1.EnqueueRequest\x1a\x1c.taskgate.v1.EnqueueResponse\x12J\n\tEnqueueAt\x12\x1d.taskgate.v1.EnqueueAtRequest\x1a\x1e.taskgate.v1.EnqueueAtResponse\x12S\n\x0c\x45nqueueBatch\x12 .taskgate.v1.EnqueueBatchRequest\x1a!.taskgate.v1.EnqueueBatchResponse\x12O\n\tGetStatus\x12\x1d.taskgate.v1.GetStatusRequest\x1a\x1e.taskgate.v1.GetStatusResponse\"\x03\x90\x02\x01\x12[\n\x0eStreamProgress\x12\".taskgate.v1.StreamProgressRequest\x1a#.taskgate.v1.StreamProgressResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENQUEUEREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_ENQUEUEATREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_ENQUEUEATREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_BATCHTASK_HEADERSENTRY']._loaded_options = None
+  _globals['_BATCHTASK_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_TASKSERVICE'].methods_by_name['GetStatus']._loaded_options = None
   _globals['_TASKSERVICE'].methods_by_name['GetStatus']._serialized_options = b'\220\002\001'
-  _globals['_TASKSTATE']._serialized_start=1983
-  _globals['_TASKSTATE']._serialized_end=2195
+  _globals['_TASKSTATE']._serialized_start=2651
+  _globals['_TASKSTATE']._serialized_end=2863
   _globals['_ENQUEUEREQUEST']._serialized_start=143
   _globals['_ENQUEUEREQUEST']._serialized_end=534
   _globals['_ENQUEUEREQUEST_HEADERSENTRY']._serialized_start=475
@@ -54,20 +56,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENQUEUEATREQUEST_HEADERSENTRY']._serialized_end=521
   _globals['_ENQUEUEATRESPONSE']._serialized_start=1031
   _globals['_ENQUEUEATRESPONSE']._serialized_end=1128
-  _globals['_GETSTATUSREQUEST']._serialized_start=1130
-  _globals['_GETSTATUSREQUEST']._serialized_end=1165
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1167
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1219
-  _globals['_STREAMPROGRESSREQUEST']._serialized_start=1221
-  _globals['_STREAMPROGRESSREQUEST']._serialized_end=1261
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=1263
-  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=1320
-  _globals['_TASK']._serialized_start=1323
-  _globals['_TASK']._serialized_end=1814
-  _globals['_PROGRESS']._serialized_start=1816
-  _globals['_PROGRESS']._serialized_end=1917
-  _globals['_TASKERROR']._serialized_start=1919
-  _globals['_TASKERROR']._serialized_end=1980
-  _globals['_TASKSERVICE']._serialized_start=2198
-  _globals['_TASKSERVICE']._serialized_end=2531
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_start=1130
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_end=1210
+  _globals['_BATCHTASK']._serialized_start=1213
+  _globals['_BATCHTASK']._serialized_end=1636
+  _globals['_BATCHTASK_HEADERSENTRY']._serialized_start=475
+  _globals['_BATCHTASK_HEADERSENTRY']._serialized_end=521
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_start=1638
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_end=1724
+  _globals['_ENQUEUEDTASK']._serialized_start=1726
+  _globals['_ENQUEUEDTASK']._serialized_end=1796
+  _globals['_GETSTATUSREQUEST']._serialized_start=1798
+  _globals['_GETSTATUSREQUEST']._serialized_end=1833
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1835
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1887
+  _globals['_STREAMPROGRESSREQUEST']._serialized_start=1889
+  _globals['_STREAMPROGRESSREQUEST']._serialized_end=1929
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_start=1931
+  _globals['_STREAMPROGRESSRESPONSE']._serialized_end=1988
+  _globals['_TASK']._serialized_start=1991
+  _globals['_TASK']._serialized_end=2482
+  _globals['_PROGRESS']._serialized_start=2484
+  _globals['_PROGRESS']._serialized_end=2585
+  _globals['_TASKERROR']._serialized_start=2587
+  _globals['_TASKERROR']._serialized_end=2648
+  _globals['_TASKSERVICE']._serialized_start=2866
+  _globals['_TASKSERVICE']._serialized_end=3284
 # @@protoc_insertion_point(module_scope)

@@ -336,6 +336,201 @@ class EnqueueAtResponse(_message.Message):
 Global___EnqueueAtResponse: _TypeAlias = EnqueueAtResponse  # noqa: Y015
 
 @_typing.final
+class EnqueueBatchRequest(_message.Message):
+    """EnqueueBatchRequest carries the tasks of one EnqueueBatch call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key of the whole batch, at most 240 characters of printable
+    ASCII. Task i is recorded with the request_id "<request_id>#<i>" (as
+    GetStatus shows it). A repeat with the same request_id and the same tasks
+    returns the original task ids with deduplicated set and sends nothing;
+    the same request_id with different tasks is ALREADY_EXISTS. Empty means no
+    deduplication.
+    """
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchTask]:
+        """The tasks, in the order their ids are returned. At least one; at most the
+        server's maximum (TASKGATE_MAX_BATCH, 1,000 by default).
+        """
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___BatchTask] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBatchRequest: _TypeAlias = EnqueueBatchRequest  # noqa: Y015
+
+@_typing.final
+class BatchTask(_message.Message):
+    """BatchTask is one task of an EnqueueBatchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    COUNTDOWN_FIELD_NUMBER: _builtins.int
+    RUN_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    task_name: _builtins.str
+    """The registered Celery task name. Required; must be in the catalog."""
+    queue: _builtins.str
+    """The Celery queue to route to. Empty means the task's default route."""
+    priority: _builtins.int
+    """Message priority, 0 to 9 (0 highest on Redis). Absent means the default."""
+    @_builtins.property
+    def args(self) -> _struct_pb2.ListValue:
+        """Positional arguments. Empty means none. Numbers convert as in
+        EnqueueRequest.args.
+        """
+
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
+        """Keyword arguments. Empty means none."""
+
+    @_builtins.property
+    def countdown(self) -> _duration_pb2.Duration:
+        """Delay from when the gateway accepts the batch, as EnqueueRequest.countdown.
+        Must not be negative.
+        """
+
+    @_builtins.property
+    def run_time(self) -> _timestamp_pb2.Timestamp:
+        """An absolute time, as EnqueueAtRequest.run_time. A time in the past runs
+        at once.
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """After this time a worker discards the task, which ends CANCELLED. Absent
+        means it never expires. Must be after the run time.
+        """
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra Celery message headers. Empty means none."""
+
+    def __init__(
+        self,
+        *,
+        task_name: _builtins.str = ...,
+        args: _struct_pb2.ListValue | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
+        queue: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
+        countdown: _duration_pb2.Duration | None = ...,
+        run_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "run_time", b"run_time", "schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "run_time", b"run_time", "schedule", b"schedule", "task_name", b"task_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    _WhichOneofReturnType_schedule: _TypeAlias = _typing.Literal["countdown", "run_time"]  # noqa: Y015
+    _WhichOneofArgType_schedule: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_schedule) -> _WhichOneofReturnType_schedule | None: ...
+
+Global___BatchTask: _TypeAlias = BatchTask  # noqa: Y015
+
+@_typing.final
+class EnqueueBatchResponse(_message.Message):
+    """EnqueueBatchResponse identifies the accepted tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
+    """True when request_id matched an earlier batch and nothing new was
+    enqueued; tasks then identify that batch's tasks.
+    """
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueuedTask]:
+        """One entry per requested task, in request order."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___EnqueuedTask] | None = ...,
+        deduplicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBatchResponse: _TypeAlias = EnqueueBatchResponse  # noqa: Y015
+
+@_typing.final
+class EnqueuedTask(_message.Message):
+    """EnqueuedTask identifies one accepted task of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The id of the task (a UUID string)."""
+    state: Global___TaskState.ValueType
+    """QUEUED, or SCHEDULED for a task with a future run time. For a repeated
+    batch, the task's current state.
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueuedTask: _TypeAlias = EnqueuedTask  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     """GetStatusRequest names the task to read."""
 

@@ -47,6 +47,11 @@ class TaskServiceStub:
                 request_serializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueAtRequest.SerializeToString,
                 response_deserializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueAtResponse.FromString,
                 _registered_method=True)
+        self.EnqueueBatch = channel.unary_unary(
+                '/taskgate.v1.TaskService/EnqueueBatch',
+                request_serializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchRequest.SerializeToString,
+                response_deserializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/taskgate.v1.TaskService/GetStatus',
                 request_serializer=taskgate_dot_v1_dot_task__service__pb2.GetStatusRequest.SerializeToString,
@@ -86,6 +91,21 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueBatch(self, request, context):
+        """EnqueueBatch accepts many tasks in one call, all or nothing: every task is
+        recorded in one database transaction before the call returns OK, or none
+        is. Each task has its own name, arguments and options, and is validated
+        as in Enqueue / EnqueueAt. Any invalid task makes the whole call
+        INVALID_ARGUMENT: the message names the first, and a google.rpc.BadRequest
+        detail lists every invalid task by index (field "tasks[3]"). An empty
+        batch, or one with more tasks than the server's maximum (1,000 by
+        default), is INVALID_ARGUMENT; a caller's rate limit counts every task.
+        Other errors as for Enqueue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """GetStatus reads a task's current state. NOT_FOUND for an id that was never
         enqueued through the gateway.
@@ -118,6 +138,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.EnqueueAt,
                     request_deserializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueAtRequest.FromString,
                     response_serializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueAtResponse.SerializeToString,
+            ),
+            'EnqueueBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueBatch,
+                    request_deserializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchRequest.FromString,
+                    response_serializer=taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -187,6 +212,33 @@ class TaskService:
             '/taskgate.v1.TaskService/EnqueueAt',
             taskgate_dot_v1_dot_task__service__pb2.EnqueueAtRequest.SerializeToString,
             taskgate_dot_v1_dot_task__service__pb2.EnqueueAtResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskgate.v1.TaskService/EnqueueBatch',
+            taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchRequest.SerializeToString,
+            taskgate_dot_v1_dot_task__service__pb2.EnqueueBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

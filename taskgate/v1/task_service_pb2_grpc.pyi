@@ -49,6 +49,17 @@ class TaskServiceStub:
     then. Errors as for Enqueue; a missing run_time, or one further away than
     the server's maximum, is INVALID_ARGUMENT.
     """
+    EnqueueBatch: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.EnqueueBatchRequest, _task_service_pb2.EnqueueBatchResponse]
+    """EnqueueBatch accepts many tasks in one call, all or nothing: every task is
+    recorded in one database transaction before the call returns OK, or none
+    is. Each task has its own name, arguments and options, and is validated
+    as in Enqueue / EnqueueAt. Any invalid task makes the whole call
+    INVALID_ARGUMENT: the message names the first, and a google.rpc.BadRequest
+    detail lists every invalid task by index (field "tasks[3]"). An empty
+    batch, or one with more tasks than the server's maximum (1,000 by
+    default), is INVALID_ARGUMENT; a caller's rate limit counts every task.
+    Other errors as for Enqueue.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]
     """GetStatus reads a task's current state. NOT_FOUND for an id that was never
     enqueued through the gateway.
@@ -82,6 +93,17 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """EnqueueAt accepts a task to run at run_time. The task reads SCHEDULED until
     then. Errors as for Enqueue; a missing run_time, or one further away than
     the server's maximum, is INVALID_ARGUMENT.
+    """
+    EnqueueBatch: _aio.UnaryUnaryMultiCallable[_task_service_pb2.EnqueueBatchRequest, _task_service_pb2.EnqueueBatchResponse]  # type: ignore[assignment]
+    """EnqueueBatch accepts many tasks in one call, all or nothing: every task is
+    recorded in one database transaction before the call returns OK, or none
+    is. Each task has its own name, arguments and options, and is validated
+    as in Enqueue / EnqueueAt. Any invalid task makes the whole call
+    INVALID_ARGUMENT: the message names the first, and a google.rpc.BadRequest
+    detail lists every invalid task by index (field "tasks[3]"). An empty
+    batch, or one with more tasks than the server's maximum (1,000 by
+    default), is INVALID_ARGUMENT; a caller's rate limit counts every task.
+    Other errors as for Enqueue.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reads a task's current state. NOT_FOUND for an id that was never
@@ -125,6 +147,23 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """EnqueueAt accepts a task to run at run_time. The task reads SCHEDULED until
         then. Errors as for Enqueue; a missing run_time, or one further away than
         the server's maximum, is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def EnqueueBatch(
+        self,
+        request: _task_service_pb2.EnqueueBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.EnqueueBatchResponse, _abc.Awaitable[_task_service_pb2.EnqueueBatchResponse]]:
+        """EnqueueBatch accepts many tasks in one call, all or nothing: every task is
+        recorded in one database transaction before the call returns OK, or none
+        is. Each task has its own name, arguments and options, and is validated
+        as in Enqueue / EnqueueAt. Any invalid task makes the whole call
+        INVALID_ARGUMENT: the message names the first, and a google.rpc.BadRequest
+        detail lists every invalid task by index (field "tasks[3]"). An empty
+        batch, or one with more tasks than the server's maximum (1,000 by
+        default), is INVALID_ARGUMENT; a caller's rate limit counts every task.
+        Other errors as for Enqueue.
         """
 
     @_abc_1.abstractmethod
