@@ -1,7 +1,7 @@
 """gRPC load generator: ``python -m bench.loadgen`` prints one JSON LoadResult line.
 
-One asyncio process, a few channels, N calls of ``TaskService/Enqueue`` (or ``EnqueueAt``)
-in flight; run as its own process so it never shares an event loop with a server.
+One asyncio process, a few channels, N calls of ``TaskService/Enqueue`` (or ``EnqueueAt``,
+or ``EnqueueBatch`` of ``--batch-size`` tasks) in flight; run as its own process so it never shares an event loop with a server.
 """
 
 from __future__ import annotations
@@ -27,7 +27,18 @@ def _args() -> struct_pb2.ListValue:
     return args
 
 
-def _call(stub: pb_grpc.TaskServiceStub, method: str, run_time: float | None) -> Call:
+def _call(stub: pb_grpc.TaskServiceStub, method: str, run_time: float | None, batch_size: int = 500) -> Call:
+    if method == "batch":
+        batch = pb.EnqueueBatchRequest(
+            tasks=[pb.BatchTask(task_name=TASK_NAME, args=_args()) for _ in range(batch_size)]
+        )
+
+        async def enqueue_batch() -> None:
+            response = await stub.EnqueueBatch(batch, timeout=30)  # type: ignore[misc]  # sync stub types
+            if len(response.tasks) != batch_size:
+                raise RuntimeError(f"{len(response.tasks)} task ids for {batch_size} tasks")
+
+        return enqueue_batch
     if method == "enqueue":
         request = pb.EnqueueRequest(task_name=TASK_NAME, args=_args())
 
@@ -57,6 +68,7 @@ async def run(
     channels: int = 2,
     total: int | None = None,
     run_time: float | None = None,
+    batch_size: int = 500,
 ) -> LoadResult:
     """Drive ``target`` with ``concurrency`` calls in flight spread over ``channels`` channels."""
     # distinct channel arguments keep gRPC from sharing one subchannel (one connection)
@@ -65,7 +77,7 @@ async def run(
         for channel in opened:
             await asyncio.wait_for(channel.channel_ready(), 15)
         stubs = [pb_grpc.TaskServiceStub(channel) for channel in opened]
-        calls = [_call(stubs[i % channels], method, run_time) for i in range(concurrency)]
+        calls = [_call(stubs[i % channels], method, run_time, batch_size) for i in range(concurrency)]
         return await drive(calls, warmup=warmup, duration=duration, total=total)
     finally:
         for channel in opened:
@@ -75,7 +87,8 @@ async def run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
     parser.add_argument("--target", required=True, help="host:port")
-    parser.add_argument("--method", choices=["enqueue", "enqueue_at"], default="enqueue")
+    parser.add_argument("--method", choices=["enqueue", "enqueue_at", "batch"], default="enqueue")
+    parser.add_argument("--batch-size", type=int, default=500, help="tasks per EnqueueBatch call")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=5.0)
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             channels=args.channels,
             total=args.total,
             run_time=args.run_time,
+            batch_size=args.batch_size,
         )
     )
     sys.stdout.write(result.to_json() + "\n")

@@ -15,6 +15,7 @@ Tokens are never stored in clear: only their SHA-256. No gRPC here.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import re
@@ -51,11 +52,16 @@ class Caller:
 
     def may_enqueue(self, task_name: str) -> bool:
         """True when ``task_name`` matches one of the caller's patterns."""
-        return any(fnmatch.fnmatchcase(task_name, pattern) for pattern in self.tasks)
+        return _matches(self.tasks, task_name)
 
     def may_read(self, owner: str) -> bool:
         """True when the caller may read a task enqueued by ``owner``."""
         return self.read_all or owner == self.name
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches(patterns: tuple[str, ...], task_name: str) -> bool:
+    return any(fnmatch.fnmatchcase(task_name, pattern) for pattern in patterns)
 
 
 #: The caller of a gateway running without an auth file: may do everything.

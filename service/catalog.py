@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Iterable, Mapping
@@ -50,15 +51,23 @@ class Catalog:
                 + ", ".join(self.names[:20])
                 + (" …" if len(self._signatures) > 20 else "")
             )
+        if self._signatures[task_name] is None:
+            return
+        # whether arguments bind depends only on how many there are and the keywords used
+        problem = self._bind_problem(task_name, len(args), tuple(kwargs))
+        if problem is not None:
+            raise ArgumentsDoNotBind(problem)
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - a catalog lives as long as the process
+    def _bind_problem(self, task_name: str, positional: int, keywords: tuple[str, ...]) -> str | None:
         signature = self._signatures[task_name]
         if signature is None:
-            return
+            return None
         try:
-            signature.bind(*args, **kwargs)
+            signature.bind(*([None] * positional), **dict.fromkeys(keywords))
         except TypeError as exc:
-            raise ArgumentsDoNotBind(
-                f"arguments do not fit {task_name}{signature_text(signature)}: {exc}"
-            ) from None
+            return f"arguments do not fit {task_name}{signature_text(signature)}: {exc}"
+        return None
 
 
 def signature_text(signature: inspect.Signature) -> str:

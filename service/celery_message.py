@@ -18,15 +18,15 @@ from __future__ import annotations
 import base64
 import bisect
 import datetime as dt
-import json
 import os
 import socket
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain import Delivery
+import orjson
+
+from service.domain import Delivery, new_uuid
 
 #: kombu's separator between a queue name and its priority step.
 PRIORITY_SEP = "\x06\x16"
@@ -36,7 +36,6 @@ DEFAULT_QUEUE = "celery"
 REPR_MAX = 1024
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class RedisLayout:
     sep: str = PRIORITY_SEP
     default_queue: str = DEFAULT_QUEUE
     #: Celery's reply_to for this process (unused without a result backend, but always set).
-    reply_to: str = field(default_factory=lambda: str(uuid.uuid4()))
+    reply_to: str = field(default_factory=new_uuid)
     origin: str = field(default_factory=lambda: f"gen{os.getpid()}@{socket.gethostname()}")
 
     def queue_name(self, delivery: Delivery) -> str:
@@ -83,9 +82,9 @@ def _repr(value: Any) -> str:
     return text if len(text) <= REPR_MAX else f"{text[: REPR_MAX - 3]}..."
 
 
-def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> str:
+def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> bytes:
     """The JSON document ``send_task`` would store for ``delivery`` (protocol v2)."""
-    body = _dumps([delivery.args, delivery.kwargs, _EMBED]).encode()
+    body = orjson.dumps([delivery.args, delivery.kwargs, _EMBED])
     eta = delivery.run_time.isoformat() if delivery.run_time > now else None
     expires = delivery.expire_time.isoformat() if delivery.expire_time is not None else None
     headers: dict[str, Any] = {
@@ -122,7 +121,7 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
     properties["delivery_info"] = {"exchange": "", "routing_key": layout.queue_name(delivery)}
     properties["priority"] = delivery.priority or 0
     properties["body_encoding"] = "base64"
-    properties["delivery_tag"] = str(uuid.uuid4())
+    properties["delivery_tag"] = new_uuid()
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
@@ -130,4 +129,4 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
         "headers": headers,
         "properties": properties,
     }
-    return json.dumps(message)
+    return orjson.dumps(message)

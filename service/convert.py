@@ -172,6 +172,8 @@ RESERVED_HEADERS = frozenset(
 
 
 def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    if not headers:
+        return {}
     reserved = sorted(name for name in headers if name.lower() in RESERVED_HEADERS)
     if reserved:
         raise InvalidRequest(f"headers may not set Celery's own headers: {', '.join(reserved)}")
@@ -191,7 +193,7 @@ def _common_fields(request: _TaskRequest, limits: InputLimits) -> dict[str, Any]
         "task_name": task_name,
         "args": from_list_value(request.args, limits.max_args_depth),
         "kwargs": from_struct(request.kwargs, limits.max_args_depth),
-        "queue": _check_name("queue", request.queue, required=False),
+        "queue": _check_name("queue", request.queue, required=False) if request.queue else "",
         "priority": priority,
         "expire_time": expire_time,
         "headers": _check_headers(request.headers),

@@ -100,7 +100,7 @@ class RedisPublisher:
         for start in range(0, len(deliveries), ENCODE_CHUNK):
             if start:
                 await asyncio.sleep(0)  # let other callbacks run between chunks
-            by_key: dict[str, list[str]] = {}
+            by_key: dict[str, list[bytes]] = {}
             for delivery in deliveries[start : start + ENCODE_CHUNK]:
                 queue = self._layout.queue_name(delivery)
                 if queue not in self._declared:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from redis.exceptions import RedisError
 
 from service.callers import OPEN, Caller
 from service.catalog import Catalog
-from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
+from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update, new_uuid
 from service.errors import (
     InvalidRequest,
     InvalidTasks,
@@ -52,7 +51,8 @@ class Limits:
 
     schedule_horizon: dt.timedelta = dt.timedelta(seconds=300)
     max_schedule: dt.timedelta = dt.timedelta(days=365)
-    #: Seconds a stream waits for news before re-reading the task anyway.
+    #: Seconds between re-reads of a watched task while the progress subscription is down
+    #: (while it is up, every change arrives through it).
     watch_recheck: float = 15.0
 
 
@@ -153,7 +153,7 @@ class Gateway:
         if spec.expire_time is not None and spec.expire_time <= max(now, run_time):
             raise InvalidRequest("expire_time must be in the future and after the run time")
         state = TaskState.SCHEDULED if run_time > now else TaskState.QUEUED
-        task_id = str(uuid.uuid4())
+        task_id = new_uuid()
         record = TaskRecord(
             task_id=task_id,
             task_name=spec.task_name,
@@ -212,12 +212,19 @@ class Gateway:
     async def watch(self, task_id: str, caller: Caller = OPEN) -> AsyncIterator[TaskRecord]:
         """The task's current snapshot, then each change, ending after a terminal state.
 
+        While the hub's subscription is up every change reaches the stream through it, so a
+        quiet stream neither wakes nor reads anything (except to turn SCHEDULED into QUEUED
+        when due). While it is down (the hub sends PAUSED) the stream re-reads the task every
+        ``watch_recheck`` seconds; the re-subscribe sends RESYNC, which re-reads it once more.
+
         Raises:
             TaskNotFound: no such task was enqueued here, or ``caller`` may not read it.
             ShuttingDown: the server is stopping.
         """
         record = await self._load(task_id, caller)
-        async with self._hub.watch(task_id) as inbox:
+        hub = self._hub
+        inbox = hub.register(task_id)
+        try:
             # registered before the snapshot is read: nothing can fall in between
             record = await self._refresh(record)
             last = record.as_of(dt.datetime.now(dt.UTC))
@@ -226,20 +233,24 @@ class Gateway:
                 item = await inbox.get(timeout=self._wait_time(last))
                 if item is Signal.SHUTDOWN:
                     raise ShuttingDown("the server is shutting down; call StreamProgress again")
-                if item is None or item is Signal.RESYNC:
+                if item is Signal.RESYNC or (item is None and not hub.ready):
                     record = await self._reload(record)
-                else:
+                elif item is not None and not isinstance(item, Signal):
                     record = apply_update(record, item)
+                # PAUSED, or a SCHEDULED task's due time: as_of() below is all there is to do
                 current = record.as_of(dt.datetime.now(dt.UTC))
                 if current != last:
                     yield current
                     last = current
+        finally:
+            hub.unregister(task_id, inbox)
 
-    def _wait_time(self, record: TaskRecord) -> float:
-        wait = self._limits.watch_recheck
+    def _wait_time(self, record: TaskRecord) -> float | None:
+        """Seconds a stream may wait for news before it must look again (None: no limit)."""
+        wait = None if self._hub.ready else self._limits.watch_recheck
         if record.state is TaskState.SCHEDULED:
-            due = (record.run_time - dt.datetime.now(dt.UTC)).total_seconds()
-            wait = min(wait, max(due, 0.0) + 0.01)
+            due = max((record.run_time - dt.datetime.now(dt.UTC)).total_seconds(), 0.0) + 0.01
+            wait = due if wait is None else min(wait, due)
         return wait
 
     async def _load(self, task_id: str, caller: Caller) -> TaskRecord:

@@ -157,12 +157,12 @@ class LoopWatch:
 
     async def run(self) -> None:
         """Sample until cancelled."""
-        loop = asyncio.get_running_loop()
         interval = self._interval
+        clock = time.monotonic  # not loop.time(): uvloop's is cached per loop iteration
         while True:
-            due = loop.time() + interval
+            due = clock() + interval
             await asyncio.sleep(interval)
-            late_ms = (loop.time() - due) * 1000.0
+            late_ms = (clock() - due) * 1000.0
             self._stats.add(late_ms)
             if late_ms > self._warn_ms:
                 log.warning("event loop stalled for %.0f ms", late_ms)

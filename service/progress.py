@@ -11,7 +11,6 @@ published while the subscription was down is not lost.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import datetime as dt
 import enum
@@ -35,33 +34,54 @@ class Signal(enum.Enum):
     """Inbox items that are not updates."""
 
     RESYNC = "resync"  # the subscription was (re)established: re-read the task
+    PAUSED = "paused"  # the subscription is lost: poll the task until the next RESYNC
     SHUTDOWN = "shutdown"  # the server is stopping: end the stream
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Inbox:
     """A stream's mailbox. Bounded: when full the oldest item goes (every update carries
-    the whole state, so the newest is all a slow reader needs)."""
+    the whole state, so the newest is all a slow reader needs).
 
-    __slots__ = ("_event", "_items")
+    Kept small, as there is one per open stream: a list, and a future only while the
+    stream waits (woken by ``put`` or by a timer, never by cancelling anything).
+    """
+
+    __slots__ = ("_items", "_size", "_waiter")
 
     def __init__(self, size: int = 32) -> None:
-        self._items: collections.deque[TaskUpdate | Signal] = collections.deque(maxlen=size)
-        self._event = asyncio.Event()
+        self._items: list[TaskUpdate | Signal] = []
+        self._size = size
+        self._waiter: asyncio.Future[None] | None = None
 
     def put(self, item: TaskUpdate | Signal) -> None:
         """Add an item; never blocks."""
+        if len(self._items) >= self._size:
+            del self._items[0]
         self._items.append(item)
-        self._event.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def get(self, timeout: float) -> TaskUpdate | Signal | None:
-        """The next item, or None after ``timeout`` seconds without one."""
+    async def get(self, timeout: float | None) -> TaskUpdate | Signal | None:
+        """The next item, or None after ``timeout`` seconds without one (None: no time limit)."""
         if not self._items:
-            self._event.clear()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
             try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except TimeoutError:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waiter = None
+            if not self._items:
                 return None
-        return self._items.popleft()
+        return self._items.pop(0)
 
 
 class ProgressHub:
@@ -91,7 +111,8 @@ class ProgressHub:
         self._prefix = meta_prefix
         self._on_update = on_update
         self._on_resubscribe: list[Callable[[], None]] = []
-        self._inboxes: dict[str, set[Inbox]] = {}
+        #: the inboxes of each watched task (a list: nearly always one)
+        self._inboxes: dict[str, list[Inbox]] = {}
         self._ready = asyncio.Event()
         self._closing = False
 
@@ -136,16 +157,21 @@ class ProgressHub:
                 elif kind == "pmessage":
                     self._dispatch(message["channel"], message["data"])
         finally:
-            self._ready.clear()
+            if self._ready.is_set():
+                self._ready.clear()
+                self._broadcast(Signal.PAUSED)
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _broadcast(self, signal: Signal) -> None:
+        for boxes in self._inboxes.values():
+            for inbox in boxes:
+                inbox.put(signal)
 
     def _subscribed(self) -> None:
         self._ready.set()
         log.info("progress subscription up (%d watchers)", self.watcher_count)
-        for boxes in self._inboxes.values():
-            for inbox in boxes:
-                inbox.put(Signal.RESYNC)
+        self._broadcast(Signal.RESYNC)
         for callback in self._on_resubscribe:
             callback()
 
@@ -159,21 +185,34 @@ class ProgressHub:
         for inbox in self._inboxes.get(task_id, ()):
             inbox.put(update)
 
-    @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[Inbox]:
-        """Register an inbox for ``task_id`` for the duration of the block."""
+    def register(self, task_id: str) -> Inbox:
+        """A new inbox that receives ``task_id``'s updates until ``unregister``-ed."""
         inbox = Inbox()
         if self._closing:
             inbox.put(Signal.SHUTDOWN)
-        self._inboxes.setdefault(task_id, set()).add(inbox)
+        boxes = self._inboxes.get(task_id)
+        if boxes is None:
+            self._inboxes[task_id] = [inbox]
+        else:
+            boxes.append(inbox)
+        return inbox
+
+    def unregister(self, task_id: str, inbox: Inbox) -> None:
+        """Stop delivering to ``inbox`` (a no-op when it is not registered)."""
+        boxes = self._inboxes.get(task_id)
+        if boxes is not None and inbox in boxes:
+            boxes.remove(inbox)
+            if not boxes:
+                del self._inboxes[task_id]
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[Inbox]:
+        """Register an inbox for ``task_id`` for the duration of the block."""
+        inbox = self.register(task_id)
         try:
             yield inbox
         finally:
-            boxes = self._inboxes.get(task_id)
-            if boxes is not None:
-                boxes.discard(inbox)
-                if not boxes:
-                    del self._inboxes[task_id]
+            self.unregister(task_id, inbox)
 
     async def snapshot(self, task_id: str) -> TaskUpdate | None:
         """The latest stored state of ``task_id`` in Redis, or None if it has no key.
@@ -205,9 +244,7 @@ class ProgressHub:
     def begin_shutdown(self) -> None:
         """End every stream (they answer UNAVAILABLE so callers reconnect elsewhere)."""
         self._closing = True
-        for boxes in self._inboxes.values():
-            for inbox in boxes:
-                inbox.put(Signal.SHUTDOWN)
+        self._broadcast(Signal.SHUTDOWN)
 
     async def close(self) -> None:
         """Release the Redis connections."""

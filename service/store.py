@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, RowMapping
@@ -187,7 +187,7 @@ def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__slots__}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewTask:
     """A task about to be recorded: its record, what to publish, and its outbox mark."""
 
@@ -225,7 +225,10 @@ _UNNEST_INSERT = "INSERT INTO tasks ({names}) SELECT {casts} FROM unnest({arrays
         f"${i}::{'text' if kind == 'jsonb' else kind}[]" for i, (_, kind) in enumerate(_INSERT_COLUMNS, 1)
     ),
 )
-_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _row(new: NewTask) -> dict[str, Any]:
