@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,48 @@ def _update_values(update: TaskUpdate) -> dict[str, Any]:
             else_=start,
         )
     return values
+
+
+_UNNEST_UPDATE = f"""
+UPDATE tasks AS t SET
+    state = u.state,
+    update_time = u.observed,
+    error = u.error::jsonb,
+    publish_after = NULL,
+    publish_time = coalesce(t.publish_time, u.observed),
+    progress = coalesce(u.progress::jsonb, t.progress),
+    retries = coalesce(u.retries, t.retries),
+    result = CASE WHEN u.state = 'SUCCEEDED' THEN u.result::jsonb ELSE t.result END,
+    end_time = coalesce(u.end_time, t.end_time),
+    start_time = CASE
+        WHEN u.end_time IS NULL THEN coalesce(t.start_time, u.start_time)
+        WHEN coalesce(t.start_time, u.start_time) IS NULL
+            OR coalesce(t.start_time, u.start_time) > u.end_time THEN u.end_time
+        ELSE coalesce(t.start_time, u.start_time)
+    END
+FROM unnest($1::varchar[], $2::varchar[], $3::timestamptz[], $4::text[], $5::text[], $6::int[],
+            $7::text[], $8::timestamptz[], $9::timestamptz[])
+    AS u(task_id, state, observed, error, progress, retries, result, end_time, start_time)
+WHERE t.task_id = u.task_id AND t.state NOT IN ({", ".join(f"'{state}'" for state in _TERMINAL)})
+"""
+
+
+def _update_row(update: TaskUpdate) -> tuple[Any, ...]:
+    """One update in ``_UNNEST_UPDATE``'s column order; mirrors ``_update_values``."""
+    terminal = update.state.terminal
+    succeeded = update.state is TaskState.SUCCEEDED
+    return (
+        update.task_id,
+        update.state.value,
+        update.observed_time,
+        None if update.error is None else json.dumps(vars_of(update.error)),
+        None if update.progress is None else json.dumps(vars_of(update.progress)),
+        update.retries,
+        # results are whatever the task returned, decoded by json: keep json for them
+        json.dumps(update.result) if succeeded and update.result is not None else None,
+        (update.end_time or update.observed_time) if terminal else None,
+        update.start_time,
+    )
 
 
 def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
@@ -440,9 +483,25 @@ class TaskStore:
         return None if row is None else _record(row)
 
     async def apply_updates(self, updates: Iterable[TaskUpdate]) -> int:
-        """Write state changes; a terminal state is never overwritten. Returns rows changed."""
+        """Write state changes; a terminal state is never overwritten. Returns rows changed.
+
+        At most one update per task (the recorder coalesces them). On PostgreSQL the whole
+        batch is one ``UPDATE … FROM unnest(…)``; elsewhere one UPDATE per task.
+        """
+        updates = list(updates)
+        if not updates:
+            return 0
         changed = 0
         async with self._begin() as conn:
+            if conn.dialect.name == "postgresql":
+                columns: list[list[Any]] = [[] for _ in range(9)]
+                for update in updates:
+                    for values, value in zip(columns, _update_row(update), strict=True):
+                        values.append(value)
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                status: str = await driver.execute(_UNNEST_UPDATE, *columns)
+                return int(status.rsplit(" ", 1)[-1])
             for update in updates:
                 statement = (
                     tasks.update()
