@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -357,6 +358,24 @@ class TaskStore:
             log.warning("database unreachable: %s", type(exc).__name__)
             raise DatabaseUnavailable("the task database is unreachable; retry later") from exc
 
+    @contextlib.asynccontextmanager
+    async def _one_statement(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one raw statement: on PostgreSQL outside any transaction (the
+        statement commits by itself: one round trip instead of BEGIN, statement, COMMIT);
+        elsewhere a transaction as ``_begin``."""
+        if self._engine.dialect.name != "postgresql":
+            async with self._begin() as conn:
+                yield conn
+            return
+        try:
+            async with self._engine.connect() as conn:
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            if isinstance(exc, sa.exc.DBAPIError) and not _is_connection_error(exc):
+                raise
+            log.warning("database unreachable: %s", type(exc).__name__)
+            raise DatabaseUnavailable("the task database is unreachable; retry later") from exc
+
     async def ping(self) -> None:
         """Raise DatabaseUnavailable unless the database answers."""
         async with self._begin() as conn:
@@ -445,8 +464,8 @@ class TaskStore:
         return [_record(rows[new.record.request_id]) for new in news]
 
     async def _insert_many(self, news: Sequence[NewTask]) -> None:
-        """One transaction, one INSERT for many rows (the group commit's flush)."""
-        async with self._begin() as conn:
+        """One INSERT for many rows, atomic by itself (the group commit's flush)."""
+        async with self._one_statement() as conn:
             await self._insert_rows(conn, news)
 
     async def _insert_rows(self, conn: AsyncConnection, news: Sequence[NewTask]) -> None:
@@ -459,9 +478,7 @@ class TaskStore:
         for new in news:
             for values, value in zip(columns, _row_values(new), strict=True):
                 values.append(value)
-        raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
-        await driver.execute(_UNNEST_INSERT, *columns)
+        await _driver_execute(conn, _UNNEST_INSERT, *columns)
 
     async def _by_request_id(self, conn: AsyncConnection, caller: str, request_id: str) -> RowMapping | None:
         query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id == request_id)
@@ -498,9 +515,7 @@ class TaskStore:
                 for update in updates:
                     for values, value in zip(columns, _update_row(update), strict=True):
                         values.append(value)
-                raw = await conn.get_raw_connection()
-                driver: Any = raw.driver_connection
-                status: str = await driver.execute(_UNNEST_UPDATE, *columns)
+                status = await _driver_execute(conn, _UNNEST_UPDATE, *columns)
                 return int(status.rsplit(" ", 1)[-1])
             for update in updates:
                 statement = (
@@ -568,6 +583,36 @@ class TaskStore:
                 .limit(limit)
             )
             return list((await conn.execute(query)).scalars())
+
+
+_DRIVER_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+async def _driver_execute(conn: AsyncConnection, statement: str, *args: Any) -> str:
+    """Run ``statement`` on the asyncpg connection under ``conn``, bypassing SQLAlchemy's
+    statement layer (for the hot paths), with asyncpg's errors mapped as SQLAlchemy's are.
+
+    Raises:
+        sa.exc.IntegrityError: a unique constraint was violated.
+        DatabaseUnavailable: the connection failed (it is discarded from the pool).
+    """
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    try:
+        status: str = await driver.execute(statement, *args)
+    except asyncpg.UniqueViolationError as exc:
+        raise sa.exc.IntegrityError(statement, None, exc) from exc
+    except _DRIVER_CONNECTION_ERRORS as exc:
+        await conn.invalidate()
+        log.warning("database unreachable: %s", type(exc).__name__)
+        raise DatabaseUnavailable("the task database is unreachable; retry later") from exc
+    return status
 
 
 def _is_connection_error(exc: sa.exc.DBAPIError) -> bool:
