@@ -15,6 +15,12 @@ log = logging.getLogger("taskgate")
 
 
 def _setup_logging(level: str) -> None:
+    # the format uses none of these: skip collecting them for every record (the logging
+    # HOWTO's "Optimization" section; it is a tenth of an Enqueue's CPU with the audit line)
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

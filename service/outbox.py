@@ -40,6 +40,7 @@ class Outbox:
         batch_size: int = 500,
         max_pending: int = 50_000,
         mark_interval: float = 0.1,
+        linger: float = 0.002,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -52,6 +53,8 @@ class Outbox:
         #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile)
         self._unmarked: list[str] = []
         self._mark_interval = mark_interval
+        #: seconds the fast path waits for company before publishing a small batch
+        self._linger = linger
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._stopping = False
@@ -104,6 +107,8 @@ class Outbox:
                         async with asyncio.timeout(deadline - now):
                             await self._wake.wait()
                 self._wake.clear()
+                if self._linger and 0 < len(self._pending) < self._batch_size:
+                    await asyncio.sleep(self._linger)  # under load, a few ms make batches of many
                 try:
                     if not self._backoff or loop.time() >= next_poll:
                         await self._publish_pending()
