@@ -192,6 +192,48 @@ def enqueue_at_request(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskCall:
+    """One task of an ``enqueue_batch``: ``task_name(*args, **kwargs)`` with its own options.
+
+    ``countdown`` (seconds or a timedelta) and ``run_time`` (aware) are alternatives; neither
+    means at once.
+    """
+
+    task_name: str
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    queue: str = ""
+    priority: int | None = None
+    countdown: float | dt.timedelta | None = None
+    run_time: dt.datetime | None = None
+    expire_time: dt.datetime | None = None
+    headers: Mapping[str, str] | None = None
+
+
+def batch_request(tasks: Sequence[TaskCall], request_id: str) -> pb.EnqueueBatchRequest:
+    """The EnqueueBatchRequest for ``tasks``."""
+    if any(t.countdown is not None and t.run_time is not None for t in tasks):
+        raise ValueError("a TaskCall takes countdown or run_time, not both")
+    return pb.EnqueueBatchRequest(
+        tasks=[
+            pb.BatchTask(
+                task_name=t.task_name,
+                args=to_list_value(t.args),
+                kwargs=to_struct(t.kwargs),
+                queue=t.queue,
+                priority=t.priority,
+                countdown=None if t.countdown is None else to_duration(t.countdown),
+                run_time=None if t.run_time is None else to_timestamp(t.run_time, "run_time"),
+                expire_time=None if t.expire_time is None else to_timestamp(t.expire_time, "expire_time"),
+                headers=t.headers,
+            )
+            for t in tasks
+        ],
+        request_id=request_id,
+    )
+
+
 # --- protobuf to Python ------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import grpc
 from grpc import aio
 
 from taskgate import _convert
-from taskgate._convert import Progress, Task, TaskErrorInfo, TaskState
+from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskState
 from taskgate.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -55,6 +55,7 @@ __all__ = [
     "Progress",
     "ResourceExhausted",
     "Task",
+    "TaskCall",
     "TaskErrorInfo",
     "TaskFailed",
     "TaskState",
@@ -169,6 +170,19 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return response.task_id
+
+    async def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str = "") -> list[str]:
+        """Enqueue every task in one call, all or nothing; return their ids in order.
+
+        InvalidArgument names the first invalid task (``tasks[3]: ...``); a repeated
+        ``request_id`` returns the first batch's ids.
+        """
+        request = _convert.batch_request(tasks, request_id)
+        try:
+            response = await self._stub.EnqueueBatch(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return [task.task_id for task in response.tasks]
 
     async def status(self, task_id: str) -> Task:
         """The task as it is now. NotFound for an id the gateway never enqueued."""
@@ -295,6 +309,15 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         return response.task_id
+
+    def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str = "") -> list[str]:
+        """As ``AsyncClient.enqueue_batch``."""
+        request = _convert.batch_request(tasks, request_id)
+        try:
+            response = self._stub.EnqueueBatch(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return [task.task_id for task in response.tasks]
 
     def status(self, task_id: str) -> Task:
         """As ``AsyncClient.status``."""

@@ -25,6 +25,7 @@ from taskgate.client import (
     InvalidArgument,
     NotFound,
     Task,
+    TaskCall,
     TaskFailed,
     TaskgateError,
     TaskState,
@@ -328,3 +329,16 @@ async def test_example_runs_against_the_gateway(
     out = capsys.readouterr().out
     assert "enqueued demo.add" in out
     assert "demo.add SUCCEEDED: result=3" in out
+
+
+async def test_enqueue_batch_returns_ids_in_order_and_names_a_bad_task(client: AsyncClient) -> None:
+    calls = [TaskCall("demo.add", (i, 10)) for i in range(5)]
+    calls.append(TaskCall("demo.add", kwargs={"x": 1, "y": 2}, run_time=in_future(0.5)))
+    ids = await client.enqueue_batch(calls, request_id=f"client-batch-{dt.datetime.now(dt.UTC).timestamp()}")
+    assert len(ids) == 6
+    results = [(await client.wait(task_id, timeout=60)).result for task_id in ids]
+    assert results == [10, 11, 12, 13, 14, 3]
+    with pytest.raises(InvalidArgument, match=r"^tasks\[1\]: task_name 'demo.nope'"):
+        await client.enqueue_batch([TaskCall("demo.add", (1, 2)), TaskCall("demo.nope")])
+    with pytest.raises(ValueError, match="not both"):
+        await client.enqueue_batch([TaskCall("demo.add", (1, 2), countdown=1, run_time=in_future(1))])
