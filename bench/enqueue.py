@@ -205,6 +205,16 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _verdict(value: float | None, bound: float, higher: bool) -> str:
+    if value is None:
+        return "not measured"
+    return "MET" if (value >= bound if higher else value <= bound) else "NOT MET"
+
+
 def report(plan: Plan, systems: list[System]) -> str:
     """The throughput/latency table, the ratios and the outbox cost."""
     tp, lc = plan.throughput_concurrency, plan.latency_concurrency
@@ -246,9 +256,10 @@ def report(plan: Plan, systems: list[System]) -> str:
         "",
         "## 2. Cost of the outbox against publishing directly — (a) taskgate vs (b) naive gateway",
         "",
-        "(a) commits a PostgreSQL row + outbox mark before answering, then publishes in batches on one",
-        "thread and marks the rows published; it also validates the call against the catalog and logs",
-        "one INFO line per task. (b) only converts the arguments and publishes on a thread.",
+        "(a) validates the call against the catalog, commits a PostgreSQL row + outbox mark before",
+        "answering (concurrent calls share one INSERT), then LPUSHes the Celery messages in batches",
+        "and marks the rows published; it logs one audit line per call. (b) only converts the",
+        "arguments and calls send_task on a thread.",
         "",
         f"throughput             : {tg.rate:.0f} vs {naive.rate:.0f} calls/s "
         f"-> {_ratio(tg.rate, naive.rate)}",
@@ -263,5 +274,15 @@ def report(plan: Plan, systems: list[System]) -> str:
         lines.append(
             f"CPU per call           : gateway {tg.server_ms:.3f} vs {naive.server_ms:.3f} ms "
             f"({tg.server_ms - naive.server_ms:+.3f} ms), plus {pg:.3f} ms in PostgreSQL backends"
+        )
+    lines += ["", "## Targets (issue: fast), from the medians above", ""]
+    for label, value, target, ambition, higher in (
+        ("Enqueue/s, taskgate / Flower", _quotient(tg.rate, flower.rate), 3.0, 5.0, True),
+        ("Enqueue/s, taskgate / naive", _quotient(tg.rate, naive.rate), 1.5, 2.0, True),
+        (f"taskgate p99 @{lc} (ms)", tg.p99, 25.0, 10.0, False),
+    ):
+        lines.append(
+            f"{label:<32} {_fmt(value, '.2f'):>8}  target {'≥' if higher else '≤'} {target:g}: "
+            f"{_verdict(value, target, higher)}; ambition {ambition:g}: {_verdict(value, ambition, higher)}"
         )
     return "\n".join(lines)
