@@ -1,7 +1,8 @@
 """gRPC load generator: ``python -m bench.loadgen`` prints one JSON LoadResult line.
 
 One asyncio process, a few channels, N calls of ``TaskService/Enqueue`` (or ``EnqueueAt``,
-or ``EnqueueBatch`` of ``--batch-size`` tasks) in flight; run as its own process so it never shares an event loop with a server.
+or ``EnqueueBatch`` of ``--batch-size`` tasks) in flight; run as its own process so it never
+shares an event loop with a server.
 """
 
 from __future__ import annotations
