@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from service.domain import Progress, TaskRecord, TaskSpec, TaskState
 from service.errors import InvalidRequest
@@ -128,12 +128,40 @@ def jsonable(value: Any) -> Any:
 
 def to_value(value: Any) -> struct_pb2.Value:
     """Any Python value as a protobuf Value (see ``jsonable``)."""
-    return json_format.ParseDict(jsonable(value), struct_pb2.Value())
+    message = struct_pb2.Value()
+    _fill_value(message, jsonable(value))
+    return message
 
 
 def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     """A mapping as a protobuf Struct (see ``jsonable``)."""
-    return json_format.ParseDict(jsonable(value), struct_pb2.Struct())
+    message = struct_pb2.Struct()
+    for key, item in jsonable(value).items():
+        _fill_value(message.fields[key], item)
+    return message
+
+
+def _fill_value(target: struct_pb2.Value, value: Any) -> None:
+    """Set ``target`` to an already ``jsonable`` value (a hand-written ``ParseDict``, several
+    times faster: every streamed progress update goes through here)."""
+    if value is None:
+        target.null_value = struct_pb2.NULL_VALUE
+    elif value is True or value is False:
+        target.bool_value = value
+    elif isinstance(value, int | float):
+        target.number_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, dict):
+        fields = target.struct_value.fields
+        target.struct_value.SetInParent()
+        for key, item in value.items():
+            _fill_value(fields[key], item)
+    else:
+        values = target.list_value.values
+        target.list_value.SetInParent()
+        for item in value:
+            _fill_value(values.add(), item)
 
 
 # --- requests ---------------------------------------------------------------------------
