@@ -140,7 +140,8 @@ class EnqueueRequest(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this time a worker discards the task instead of running it, and the
-        task ends CANCELLED. Absent means it never expires.
+        task ends CANCELLED. Absent means it never expires. Must be in the future
+        and after the end of the countdown (else INVALID_ARGUMENT).
         """
 
     @_builtins.property
@@ -271,7 +272,7 @@ class EnqueueAtRequest(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this time a worker discards the task, which ends CANCELLED. Absent
-        means it never expires. Must be after run_time.
+        means it never expires. Must be in the future and after run_time.
         """
 
     @_builtins.property
@@ -437,7 +438,7 @@ class BatchTask(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this time a worker discards the task, which ends CANCELLED. Absent
-        means it never expires. Must be after the run time.
+        means it never expires. Must be in the future and after the run time.
         """
 
     @_builtins.property
