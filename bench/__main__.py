@@ -10,21 +10,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from types import FrameType
 
+from bench.batch import run_batch
 from bench.dispatch_lag import run_dispatch_lag
 from bench.enqueue import contenders, report, run_rounds, samples_json
 from bench.flower import start_flower
 from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
 from bench.plan import DEFAULT, QUICK, Plan
 from bench.profile import profile_taskgate
+from bench.scaleout import run_scaleout
 from bench.servers import start_naive, start_taskgate
-
-STALL_NOTE = """## 4. Event-loop stall of the gateway
-
-Skipped: measuring it needs instrumentation inside the gateway process (service/ is not
-changed by the benchmarks), and a client-side figure would measure the client's loop."""
+from bench.streams import run_streams
 
 
 def _versions() -> str:
@@ -71,7 +70,36 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
 
 
-def run(plan: Plan, quick: bool) -> str:
+def run_enqueue(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
+    """Sections 1 to 3: Enqueue against the naive gateway, raw send_task and Flower; the profile."""
+    announce(f"private redis on port {redis.port}; starting taskgate, naive gateway and Flower")
+    taskgate = start_taskgate(children, redis.url, db.url)
+    naive = start_naive(children, redis.url)
+    flower = start_flower(children, redis.url)
+    try:
+        systems = contenders(plan, redis, db, taskgate, naive, flower)
+        run_rounds(plan, children, redis, systems)
+        (OUT / "samples.json").write_text(samples_json(systems))
+        sections = [report(plan, systems)]
+        print(sections[-1] + "\n", flush=True)
+        sections.append(profile_taskgate(plan, children, taskgate))
+    finally:
+        for server in (taskgate, naive, flower):
+            children.stop(server.process)
+    return "\n\n".join(sections)
+
+
+SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], str]] = {
+    "enqueue": run_enqueue,
+    "batch": run_batch,
+    "dispatch": run_dispatch_lag,
+    "streams": run_streams,
+    "scaleout": run_scaleout,
+}
+
+
+def run(plan: Plan, quick: bool, only: list[str]) -> str:
+    """The header and every section (or those in ``only``), on one private database and Redis."""
     OUT.mkdir(parents=True, exist_ok=True)
     sections = [_header(plan, quick)]
     print(sections[0] + "\n", flush=True)
@@ -82,23 +110,12 @@ def run(plan: Plan, quick: bool) -> str:
         announce(f"creating database {db.name}")
         db.create()
         redis = PrivateRedis(children, OUT / "redis.log")
-        announce(f"private redis on port {redis.port}; starting taskgate, naive gateway and Flower")
-        taskgate = start_taskgate(children, redis.url, db.url)
-        naive = start_naive(children, redis.url)
-        flower = start_flower(children, redis.url)
-        systems = contenders(plan, redis, db, taskgate, naive, flower)
-        run_rounds(plan, children, redis, systems)
-        (OUT / f"samples{'-quick' if quick else ''}.json").write_text(samples_json(systems))
-        sections.append(report(plan, systems))
-        print(sections[-1] + "\n", flush=True)
-        sections.append(profile_taskgate(plan, children, taskgate))
-        print(sections[-1] + "\n", flush=True)
-        for server in (taskgate, naive, flower):
-            children.stop(server.process)
-        sections.append(run_dispatch_lag(plan, children, redis, db))
-        print(sections[-1] + "\n", flush=True)
-        sections.append(STALL_NOTE)
-        print(sections[-1], flush=True)
+        for name, section in SECTIONS.items():
+            if only and name not in only:
+                continue
+            sections.append(section(plan, children, redis, db))
+            print(sections[-1] + "\n", flush=True)
+            redis.drain_broker()
     finally:
         children.close()
         if redis is not None:
@@ -115,12 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a short smoke run (a few seconds per measurement)"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(SECTIONS),
+        default=[],
+        help="run only this section (repeatable)",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     plan = QUICK if args.quick else DEFAULT
     started = time.monotonic()
-    text = run(plan, args.quick)
-    name = "report-quick.txt" if args.quick else "report.txt"
+    text = run(plan, args.quick, args.only)
+    name = ("report-quick" if args.quick else "report") + "".join(f"-{only}" for only in args.only) + ".txt"
     (OUT / name).write_text(text)
     announce(f"done in {time.monotonic() - started:.0f}s; report in {OUT / name}")
     return 0

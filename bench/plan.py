@@ -21,6 +21,15 @@ class Plan:
     channels: int = 2
     scheduled_tasks: int = 10_000
     profile_seconds: float = 10.0
+    #: tasks per EnqueueBatch call, and calls in flight
+    batch_size: int = 500
+    batch_concurrency: int = 4
+    #: load-generator channels of the scale-out section (connections the kernel spreads over processes)
+    scaleout_channels: int = 8
+    #: held EnqueueAt tasks of the scale-out section's dispatcher check (4 relay batches of 500)
+    scaleout_held: int = 2_000
+    #: concurrent StreamProgress streams of the streams section (one task each)
+    streams: int = 10_000
 
 
 DEFAULT = Plan(rounds=3, warmup=1.0, throughput_duration=6.0, latency_duration=5.0)
@@ -31,4 +40,5 @@ QUICK = Plan(
     latency_duration=2.0,
     scheduled_tasks=1_000,
     profile_seconds=3.0,
+    streams=1_000,
 )

@@ -12,16 +12,21 @@ one line and then start again::
 
     event loop stalls since last report: samples=1200 p50_ms=0.15 p99_ms=1.05 max_ms=3.42 ...
 
-A single stall over ``warn_ms`` is logged as a WARNING when it happens.
+A single stall over ``warn_ms`` is logged as a WARNING when it happens. Every sample also
+reads the loop thread's CPU clock: on a machine short of CPUs a process can wake late
+without its loop having been busy, and ``busy_p99_ms`` / ``busy_max_ms`` count only the
+part of the lateness during which the loop's thread was running (callbacks, the garbage
+collector).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,7 @@ def _upper_edge(index: int) -> float:
     return 10.0**decade + (offset + 1) * 10.0 ** (decade - 1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class StallReport:
     """Event-loop lateness over one reporting window (milliseconds)."""
 
@@ -66,13 +71,21 @@ class StallReport:
     over_warn: int
     #: Length of the window, in seconds.
     window_s: float
+    #: The same lateness counting only the time the loop's thread was running (CPU time): a
+    #: stall much longer than this was the process waiting for a CPU, not the loop being busy.
+    busy_p99_ms: float = 0.0
+    busy_max_ms: float = 0.0
+    #: Full (oldest-generation) garbage collections in the window: each stops the loop for
+    #: a time that grows with the number of live objects.
+    gc_full: int = 0
 
     def line(self) -> str:
         """One log line, ``key=value`` pairs after a fixed text (easy to grep and parse)."""
         return (
             f"event loop stalls since last report: samples={self.samples} p50_ms={self.p50_ms:.2f} "
             f"p99_ms={self.p99_ms:.2f} max_ms={self.max_ms:.2f} over_warn={self.over_warn} "
-            f"window_s={self.window_s:.1f}"
+            f"window_s={self.window_s:.1f} busy_p99_ms={self.busy_p99_ms:.2f} "
+            f"busy_max_ms={self.busy_max_ms:.2f} gc_full={self.gc_full}"
         )
 
 
@@ -97,6 +110,11 @@ class StallStats:
     def samples(self) -> int:
         """How many samples were added since the last reset."""
         return self._samples
+
+    @property
+    def maximum(self) -> float:
+        """The largest sample since the last reset, in ms (0.0 without samples)."""
+        return self._max
 
     def add(self, ms: float) -> None:
         """Record one lateness of ``ms`` milliseconds (negative counts as 0)."""
@@ -139,8 +157,15 @@ class StallStats:
         self._over = 0
 
 
+def _full_collections() -> int:
+    return int(gc.get_stats()[-1]["collections"])
+
+
 class LoopWatch:
     """Samples the running loop's lateness every ``interval`` seconds.
+
+    Each sample also reads the loop thread's CPU clock, so a stall can be told apart from
+    the process merely waiting for a CPU on a busy machine (``busy_*`` in the report).
 
     Args:
         interval: Seconds between samples; the CPU cost is one timer per sample.
@@ -153,27 +178,49 @@ class LoopWatch:
         self._interval = interval
         self._warn_ms = warn_ms
         self._stats = StallStats(warn_ms)
+        self._busy = StallStats()
         self._since = time.monotonic()
+        self._gc_full = _full_collections()
+
+    def add(self, late_ms: float, cpu_ms: float) -> None:
+        """Record one sample.
+
+        Args:
+            late_ms: How late the timer woke, in milliseconds.
+            cpu_ms: CPU time the loop's thread used since the timer was set, in milliseconds.
+        """
+        self._stats.add(late_ms)
+        busy_ms = min(late_ms, cpu_ms)
+        self._busy.add(busy_ms)
+        if late_ms > self._warn_ms:
+            log.warning("event loop stalled for %.0f ms (%.0f ms of it running)", late_ms, busy_ms)
 
     async def run(self) -> None:
         """Sample until cancelled."""
         interval = self._interval
         clock = time.monotonic  # not loop.time(): uvloop's is cached per loop iteration
+        cpu = time.thread_time  # the loop's thread only
         while True:
+            cpu_start = cpu()
             due = clock() + interval
             await asyncio.sleep(interval)
-            late_ms = (clock() - due) * 1000.0
-            self._stats.add(late_ms)
-            if late_ms > self._warn_ms:
-                log.warning("event loop stalled for %.0f ms", late_ms)
+            self.add((clock() - due) * 1000.0, (cpu() - cpu_start) * 1000.0)
 
     def report(self, *, reset: bool = True) -> StallReport:
         """The statistics since the last reset; then (by default) start a new window."""
         now = time.monotonic()
-        result = self._stats.report(now - self._since)
+        gc_full = _full_collections()
+        result = dataclasses.replace(
+            self._stats.report(now - self._since),
+            busy_p99_ms=self._busy.percentile(99),
+            busy_max_ms=self._busy.maximum,
+            gc_full=gc_full - self._gc_full,
+        )
         if reset:
             self._stats.reset()
+            self._busy.reset()
             self._since = now
+            self._gc_full = gc_full
         return result
 
     def log_report(self) -> None:

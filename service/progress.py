@@ -3,9 +3,10 @@
 The hub PSUBSCRIBEs once to ``<prefix>celery-task-meta-*`` (the channels the result backend
 publishes every state on). Each message is decoded once and handed to the recorder (so
 every state reaches the database, watched or not) and to the inboxes of the streams that
-watch that task. A stream costs an inbox, not a Redis connection. After every
-(re)subscribe, each inbox gets ``RESYNC`` so its stream re-reads the task: anything
-published while the subscription was down is not lost.
+watch that task. A stream costs an inbox (a few hundred bytes), not a Redis connection nor
+a timer. When the subscription is lost each inbox gets ``PAUSED`` (its stream polls the task
+until it is back); after every (re)subscribe each gets ``RESYNC`` so its stream re-reads the
+task: anything published while the subscription was down is not lost.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import datetime as dt
 import enum
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -204,15 +205,6 @@ class ProgressHub:
             boxes.remove(inbox)
             if not boxes:
                 del self._inboxes[task_id]
-
-    @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[Inbox]:
-        """Register an inbox for ``task_id`` for the duration of the block."""
-        inbox = self.register(task_id)
-        try:
-            yield inbox
-        finally:
-            self.unregister(task_id, inbox)
 
     async def snapshot(self, task_id: str) -> TaskUpdate | None:
         """The latest stored state of ``task_id`` in Redis, or None if it has no key.

@@ -171,14 +171,6 @@ class Runtime:
             await asyncio.wait_for(asyncio.shield(outbox_task), 15)
         for task in self.background:
             task.cancel()
-        # On Python 3.11 ``asyncio.wait_for`` loses a cancellation that lands just as the
-        # awaited event fires, and a loop built on it then runs on: cancel again until done.
-        pending = set(self.background)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=1.0)
-            for task in pending:
-                log.debug("background task %s ignored a cancellation; cancelling again", task.get_name())
-                task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.outbox.run_once()

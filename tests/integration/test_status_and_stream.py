@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from service.progress import CLIENT_NAME
 from service.server import Runtime
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from tests.helpers import enqueue, value, wait_state
+from tests.helpers import args, enqueue, value, wait_state
 
 
 async def collect(stub: pb_grpc.TaskServiceStub, task_id: str) -> list[pb.Task]:
@@ -118,17 +119,71 @@ def hub_connections(redis_client: redis.Redis) -> list[dict[str, object]]:
     return [c for c in redis_client.client_list() if str(c.get("name", "")).startswith(mine)]
 
 
-async def test_streams_share_one_subscription_and_release_on_cancel(
+def _local_ports_to(port: int) -> set[int]:
+    """Local ports of this process's established TCP connections to ``port`` (from /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if fields[3] == "01" and int(fields[9]) in inodes and remote_port == port:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def process_redis_connections(redis_client: redis.Redis) -> dict[str, str]:
+    """This process's Redis connections but the test's own client: CLIENT LIST id -> name.
+
+    Matched by address (the local ports of this process's sockets), so unnamed connections
+    (kombu's, say) are found too.
+    """
+    ports = _local_ports_to(int(redis_client.connection_pool.connection_kwargs.get("port", 6379)))
+    own = str(redis_client.client_id())
+    return {
+        str(c["id"]): str(c.get("name", ""))
+        for c in redis_client.client_list()
+        if int(str(c["addr"]).rsplit(":", 1)[1]) in ports and str(c["id"]) != own
+    }
+
+
+def held_task() -> pb.EnqueueAtRequest:
+    """A task due in an hour: it stays in the database (SCHEDULED), so its streams stay open."""
+    request = pb.EnqueueAtRequest(task_name="demo.add", args=args(1, 2))
+    request.run_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    return request
+
+
+async def test_streams_share_a_few_redis_connections_and_release_on_cancel(
     stub: pb_grpc.TaskServiceStub, runtime: Runtime, redis_client: redis.Redis
 ) -> None:
-    task_ids = [await enqueue(stub, "demo.sleep", 3) for _ in range(5)]
-    calls = [stub.StreamProgress(pb.StreamProgressRequest(task_id=t)) for t in task_ids for _ in range(40)]
+    task_ids = [(await stub.EnqueueAt(held_task())).task_id for _ in range(6)]
+    # the gateway shares this process with the other tests' clients: count its named
+    # connections, and any connection that appears while the streams open
+    before = process_redis_connections(redis_client)
+    calls = [stub.StreamProgress(pb.StreamProgressRequest(task_id=t)) for t in task_ids for _ in range(50)]
     for call in calls:
-        await call.read()  # the snapshot: every stream is registered
-    assert runtime.hub.watcher_count >= len(calls)
-    connections = hub_connections(redis_client)
-    assert len(connections) <= 5  # one subscription plus a small read pool, whatever the stream count
-    assert sum(1 for c in connections if str(c["name"]).endswith("-sub")) == 1
+        assert (await call.read()).task.state == pb.TASK_STATE_SCHEDULED  # registered, snapshot sent
+    assert runtime.hub.watcher_count >= len(calls) == 300
+    after = process_redis_connections(redis_client)
+    new = {i: name for i, name in after.items() if i not in before}
+    named = {
+        i: name for i, name in after.items() if name.startswith("taskgate") and f"-{os.getpid()}-" in name
+    }
+    # a stream costs an inbox, not a connection: one subscription, a read pool of at most 4
+    # (the most it can grow by) and the publisher, however many streams are open
+    assert len(new) <= 4, new
+    assert len(named | new) <= 8, named | new
+    hub = hub_connections(redis_client)
+    assert len(hub) <= 5, hub
+    assert sum(1 for c in hub if str(c["name"]).endswith("-sub")) == 1
     for call in calls:
         call.cancel()
     deadline = time.monotonic() + 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -76,6 +77,23 @@ def test_report_line_is_parseable() -> None:
     assert float(match.group(4)) == 1.5
 
 
+def test_busy_counts_only_the_running_part_of_a_stall() -> None:
+    watch = LoopWatch()
+    watch.add(late_ms=50.0, cpu_ms=3.0)  # late, but the thread hardly ran: it waited for a CPU
+    watch.add(late_ms=10.0, cpu_ms=40.0)  # busy before the timer was even due, 10 ms past it
+    report = watch.report()
+    assert report.max_ms == 50.0
+    assert report.busy_max_ms == 10.0
+    assert "busy_max_ms=10.00" in report.line()
+
+
+def test_full_collections_are_counted() -> None:
+    watch = LoopWatch()
+    watch.report()
+    gc.collect()
+    assert watch.report().gc_full >= 1
+
+
 def test_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="interval"):
         LoopWatch(interval=0)
@@ -100,6 +118,27 @@ async def test_a_blocked_loop_shows_up_as_a_stall(caplog: pytest.LogCaptureFixtu
     assert report.max_ms >= 40.0
     assert report.over_warn >= 1
     assert any("event loop stalled" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_busy_loop_shows_up_as_a_busy_stall() -> None:
+    watch = LoopWatch(interval=0.005)
+    task = asyncio.create_task(watch.run())
+    try:
+        while watch.report(reset=False).samples < 3:
+            await asyncio.sleep(0.005)
+        watch.report()
+        start = time.thread_time()
+        while time.thread_time() - start < 0.05:  # the deliberate stall: 50 ms of CPU on the loop
+            pass
+        while watch.report(reset=False).samples < 2:
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    report = watch.report()
+    assert report.max_ms >= 40.0
+    assert report.busy_max_ms >= 40.0
 
 
 async def test_log_report_writes_one_line_and_resets(caplog: pytest.LogCaptureFixture) -> None:
