@@ -17,6 +17,7 @@ import collections
 import contextlib
 import datetime as dt
 import logging
+import math
 from collections.abc import Sequence
 
 from service.dispatch import Publisher
@@ -25,6 +26,9 @@ from service.errors import Unavailable
 from service.store import TaskStore
 
 log = logging.getLogger(__name__)
+
+#: Seconds since the last publish under which the fast path counts as busy.
+_BUSY = 0.05
 
 
 class Outbox:
@@ -40,7 +44,7 @@ class Outbox:
         batch_size: int = 500,
         max_pending: int = 50_000,
         mark_interval: float = 0.1,
-        linger: float = 0.002,
+        linger: float = 0.005,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -53,8 +57,10 @@ class Outbox:
         #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile)
         self._unmarked: list[str] = []
         self._mark_interval = mark_interval
-        #: seconds the fast path waits for company before publishing a small batch
+        #: seconds the fast path waits for company before publishing a small batch, when
+        #: the previous publish was less than ``_BUSY`` ago (under load; never when idle)
         self._linger = linger
+        self._last_publish = -math.inf
         self._wake = asyncio.Event()
         self._backoff = 0.0
         self._stopping = False
@@ -107,7 +113,8 @@ class Outbox:
                         async with asyncio.timeout(deadline - now):
                             await self._wake.wait()
                 self._wake.clear()
-                if self._linger and 0 < len(self._pending) < self._batch_size:
+                busy = loop.time() - self._last_publish < _BUSY
+                if busy and self._linger and 0 < len(self._pending) < self._batch_size:
                     await asyncio.sleep(self._linger)  # under load, a few ms make batches of many
                 try:
                     if not self._backoff or loop.time() >= next_poll:
@@ -162,6 +169,7 @@ class Outbox:
             await self._store.retry_publish_at([d.task_id for d in deliveries], retry_at)
             raise
         self._backoff = 0.0
+        self._last_publish = asyncio.get_running_loop().time()
         self._unmarked.extend(done)
         if len(done) < len(deliveries):
             rest = [d.task_id for d in deliveries[len(done) :]]

@@ -323,6 +323,9 @@ class TaskStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._group_insert: GroupCommit[NewTask] = GroupCommit(self._insert_many)
+        #: the group commit's own connection (PostgreSQL), kept across flushes: one flush
+        #: runs at a time, and a pool checkout per flush costs more than the INSERT's Python
+        self._flush_conn: AsyncConnection | None = None
 
     @classmethod
     def connect(cls, url: str, *, pool_size: int = 10) -> TaskStore:
@@ -345,6 +348,10 @@ class TaskStore:
 
     async def close(self) -> None:
         """Close every pooled connection."""
+        if self._flush_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._flush_conn.close()
+            self._flush_conn = None
         await self._engine.dispose()
 
     @contextlib.asynccontextmanager
@@ -367,9 +374,14 @@ class TaskStore:
             async with self._begin() as conn:
                 yield conn
             return
+        async with self._connection_errors(), self._engine.connect() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _connection_errors(self) -> AsyncIterator[None]:
+        """Connection failures inside the block become DatabaseUnavailable."""
         try:
-            async with self._engine.connect() as conn:
-                yield conn
+            yield
         except _CONNECTION_ERRORS as exc:
             if isinstance(exc, sa.exc.DBAPIError) and not _is_connection_error(exc):
                 raise
@@ -428,16 +440,19 @@ class TaskStore:
         if not news:
             return [], True
         keyed = bool(news[0].record.request_id)
+        if not keyed:
+            async with self._one_statement() as conn:
+                await self._insert_rows(conn, news)
+            return [new.record for new in news], True
         async with self._begin() as conn:
-            if keyed:
-                existing = await self._existing_batch(conn, news, request_id)
-                if existing is not None:
-                    return existing, False
+            existing = await self._existing_batch(conn, news, request_id)
+            if existing is not None:
+                return existing, False
             try:
                 async with conn.begin_nested():
                     await self._insert_rows(conn, news)
             except sa.exc.IntegrityError:
-                existing = await self._existing_batch(conn, news, request_id) if keyed else None
+                existing = await self._existing_batch(conn, news, request_id)
                 if existing is None:
                     raise
                 return existing, False
@@ -465,8 +480,21 @@ class TaskStore:
 
     async def _insert_many(self, news: Sequence[NewTask]) -> None:
         """One INSERT for many rows, atomic by itself (the group commit's flush)."""
-        async with self._one_statement() as conn:
-            await self._insert_rows(conn, news)
+        if self._engine.dialect.name != "postgresql":
+            async with self._begin() as conn:
+                await self._insert_rows(conn, news)
+            return
+        if self._flush_conn is None or self._flush_conn.closed or self._flush_conn.invalidated:
+            async with self._connection_errors():
+                self._flush_conn = await self._engine.connect()
+        try:
+            await self._insert_rows(self._flush_conn, news)
+        except BaseException:
+            # a failed or cancelled statement leaves the connection in doubt: start afresh
+            conn, self._flush_conn = self._flush_conn, None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            raise
 
     async def _insert_rows(self, conn: AsyncConnection, news: Sequence[NewTask]) -> None:
         """INSERT rows in the caller's transaction: on PostgreSQL one ``unnest`` statement
