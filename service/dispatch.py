@@ -95,26 +95,31 @@ class RedisPublisher:
         if not deliveries:
             return []
         now = dt.datetime.now(dt.UTC)
-        pipe = self._client.pipeline(transaction=False)
+        by_key: dict[str, list[bytes]] = {}
         new_queues: set[str] = set()
         for start in range(0, len(deliveries), ENCODE_CHUNK):
             if start:
                 await asyncio.sleep(0)  # let other callbacks run between chunks
-            by_key: dict[str, list[bytes]] = {}
             for delivery in deliveries[start : start + ENCODE_CHUNK]:
                 queue = self._layout.queue_name(delivery)
                 if queue not in self._declared:
                     new_queues.add(queue)
                 message = build_message(delivery, self._layout, now)
                 by_key.setdefault(self._layout.list_key(delivery), []).append(message)
-            for key, messages in by_key.items():
-                pipe.lpush(key, *messages)
-        for queue in new_queues:
-            binding, permanent, member = self._layout.binding_keys(queue)
-            pipe.sadd(binding, member)
-            pipe.sadd(permanent, member)
         try:
-            await pipe.execute()
+            if len(by_key) == 1 and not new_queues:
+                # the common case: one list, one command, no pipeline machinery
+                [(key, messages)] = by_key.items()
+                await self._client.lpush(key, *messages)
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for key, messages in by_key.items():
+                    pipe.lpush(key, *messages)
+                for queue in new_queues:
+                    binding, permanent, member = self._layout.binding_keys(queue)
+                    pipe.sadd(binding, member)
+                    pipe.sadd(permanent, member)
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             # what reached Redis is unknown: all stay in the outbox; a second delivery of
             # an id that did arrive is skipped by the workers (workers.guard)
