@@ -93,6 +93,11 @@ class Settings(CelerySettings):
     )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
+    #: The garbage-collector policy (service/gcpolicy.py): ``managed`` keeps full collections
+    #: out of the event loop's way; ``python`` leaves CPython's defaults.
+    gc_policy: Literal["managed", "python"] = Field(
+        "managed", validation_alias=_env("TASKGATE_GC", "gc_policy")
+    )
 
     @property
     def task_names(self) -> list[str]:

@@ -90,14 +90,14 @@ class Gateway:
         """
         now = dt.datetime.now(dt.UTC)
         new = self._prepare(spec, caller, now)
-        stored, created = await self._store.insert(new)
-        if not created:
-            log.info("task_id=%s request_id=%s deduplicated", stored.task_id, spec.request_id)
-            current = await self._refresh(stored)
-            return Accepted(stored.task_id, current.as_of(now).state, deduplicated=True)
+        original = await self._store.insert(new)
+        if original is not None:
+            log.info("task_id=%s request_id=%s deduplicated", original.task_id, spec.request_id)
+            current = await self._refresh(original)
+            return Accepted(original.task_id, current.as_of(now).state, deduplicated=True)
         if not new.held:
             self._outbox.submit(new.delivery)
-        return Accepted(new.record.task_id, new.record.state, deduplicated=False)
+        return Accepted(new.task_id, new.state, deduplicated=False)
 
     async def enqueue_batch(
         self, specs: Sequence[Callable[[], TaskSpec]], caller: Caller = OPEN, *, request_id: str = ""
@@ -132,12 +132,12 @@ class Gateway:
                 violations.append((f"tasks[{index}]", str(exc)))
         if violations:
             raise InvalidTasks(violations)
-        stored, created = await self._store.insert_batch(news, request_id=request_id)
-        if not created:
-            log.info("request_id=%s: repeated batch of %d tasks, deduplicated", request_id, len(stored))
-            return [Accepted(r.task_id, r.as_of(now).state, deduplicated=True) for r in stored], True
+        originals = await self._store.insert_batch(news, request_id=request_id)
+        if originals is not None:
+            log.info("request_id=%s: repeated batch of %d tasks, deduplicated", request_id, len(originals))
+            return [Accepted(r.task_id, r.as_of(now).state, deduplicated=True) for r in originals], True
         self._outbox.submit_many([new.delivery for new in news if not new.held])
-        return [Accepted(new.record.task_id, new.record.state, deduplicated=False) for new in news], False
+        return [Accepted(new.task_id, new.state, deduplicated=False) for new in news], False
 
     def _prepare(self, spec: TaskSpec, caller: Caller, now: dt.datetime) -> NewTask:
         """Check a task and build its row.
@@ -153,20 +153,8 @@ class Gateway:
         if spec.expire_time is not None and spec.expire_time <= max(now, run_time):
             raise InvalidRequest("expire_time must be in the future and after the run time")
         state = TaskState.SCHEDULED if run_time > now else TaskState.QUEUED
-        task_id = new_uuid()
-        record = TaskRecord(
-            task_id=task_id,
-            task_name=spec.task_name,
-            state=state,
-            queue=spec.queue,
-            request_id=spec.request_id,
-            caller=caller.name,
-            create_time=now,
-            run_time=run_time,
-            update_time=now,
-        )
         delivery = Delivery(
-            task_id=task_id,
+            task_id=new_uuid(),
             task_name=spec.task_name,
             args=spec.args,
             kwargs=spec.kwargs,
@@ -179,8 +167,11 @@ class Gateway:
         held = run_time - now > self._limits.schedule_horizon
         lead = max(self._limits.schedule_horizon, DISPATCH_LEAD)
         return NewTask(
-            record=record,
             delivery=delivery,
+            state=state,
+            caller=caller.name,
+            request_id=spec.request_id,
+            create_time=now,
             # only a request_id can be retried, so only then is the request's digest needed
             fingerprint=spec.fingerprint() if spec.request_id else "",
             publish_after=run_time - lead if held else now + self._outbox.lease,

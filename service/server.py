@@ -21,6 +21,7 @@ from service.config import Settings
 from service.dispatch import Publisher, publisher_for
 from service.errors import Unavailable
 from service.gateway import Gateway, Limits
+from service.gcpolicy import GcPolicy
 from service.limits import ServiceLimits
 from service.loopwatch import LoopWatch
 from service.outbox import Outbox
@@ -205,6 +206,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     runtime = await Runtime.start(settings)
     watch = LoopWatch()  # stopped with the runtime's other background tasks
     runtime.background.append(asyncio.create_task(watch.run(), name="taskgate-loopwatch"))
+    collector = GcPolicy(settings.gc_policy, quiet=lambda: runtime.hub.watcher_count == 0)
+    runtime.background.append(asyncio.create_task(collector.run(), name="taskgate-gc"))
     try:
         server, port = build_server(
             runtime.gateway,

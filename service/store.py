@@ -233,16 +233,43 @@ def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class NewTask:
-    """A task about to be recorded: its record, what to publish, and its outbox mark."""
+    """A task about to be recorded: what to publish, its first state, and its outbox mark.
 
-    record: TaskRecord
+    Its ``TaskRecord`` is built only when asked for: the hot paths never need it.
+    """
+
     delivery: Delivery
+    state: TaskState
+    caller: str
+    request_id: str
+    create_time: dt.datetime
     #: digest of the request (only needed with a request_id; empty otherwise)
     fingerprint: str
     #: when the outbox may publish it (the fast path's lease, or a held task's due time)
     publish_after: dt.datetime
     #: kept in the database until it is due (not handed to the fast path)
     held: bool
+
+    @property
+    def task_id(self) -> str:
+        """The new task's id."""
+        return self.delivery.task_id
+
+    @property
+    def record(self) -> TaskRecord:
+        """The task's record as it is once recorded."""
+        delivery = self.delivery
+        return TaskRecord(
+            task_id=delivery.task_id,
+            task_name=delivery.task_name,
+            state=self.state,
+            queue=delivery.queue,
+            request_id=self.request_id,
+            caller=self.caller,
+            create_time=self.create_time,
+            run_time=delivery.run_time,
+            update_time=self.create_time,
+        )
 
 
 _INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -277,44 +304,33 @@ def _json(value: Any) -> str:
 
 def _row(new: NewTask) -> dict[str, Any]:
     """The row as SQLAlchemy column values."""
-    record, delivery = new.record, new.delivery
-    return {
-        "task_id": record.task_id,
-        "task_name": record.task_name,
-        "state": record.state.value,
-        "queue": record.queue,
-        "args": delivery.args,
-        "kwargs": delivery.kwargs,
-        "options": _options_of(delivery),
-        "caller": record.caller,
-        "request_id": record.request_id or None,
-        "fingerprint": new.fingerprint,
-        "create_time": record.create_time,
-        "run_time": record.run_time,
-        "update_time": record.update_time,
-        "publish_after": new.publish_after,
-    }
+    return dict(zip((name for name, _ in _INSERT_COLUMNS), _row_values(new, encode=False), strict=True))
 
 
-def _row_values(new: NewTask) -> tuple[Any, ...]:
-    """The row in ``_INSERT_COLUMNS`` order, JSON already encoded (for the unnest INSERT)."""
-    record, delivery = new.record, new.delivery
+def _row_values(new: NewTask, *, encode: bool = True) -> tuple[Any, ...]:
+    """The row in ``_INSERT_COLUMNS`` order; JSON encoded for the unnest INSERT if ``encode``."""
+    delivery = new.delivery
+    json_of = _json if encode else _same
     return (
-        record.task_id,
-        record.task_name,
-        record.state.value,
-        record.queue,
-        _json(delivery.args),
-        _json(delivery.kwargs),
-        _json(_options_of(delivery)),
-        record.caller,
-        record.request_id or None,
+        delivery.task_id,
+        delivery.task_name,
+        new.state.value,
+        delivery.queue,
+        json_of(delivery.args),
+        json_of(delivery.kwargs),
+        json_of(_options_of(delivery)),
+        new.caller,
+        new.request_id or None,
         new.fingerprint,
-        record.create_time,
-        record.run_time,
-        record.update_time,
+        new.create_time,
+        delivery.run_time,
+        new.create_time,
         new.publish_after,
     )
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 class TaskStore:
@@ -393,61 +409,57 @@ class TaskStore:
         async with self._begin() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
-    async def insert(self, new: NewTask) -> tuple[TaskRecord, bool]:
+    async def insert(self, new: NewTask) -> TaskRecord | None:
         """Record a new task and its outbox mark in one transaction.
 
         Concurrent inserts without a request_id are committed together (group commit).
 
         Returns:
-            ``(record, True)`` for a new task; ``(original, False)`` when the caller's
-            request_id was used before with the same fingerprint.
+            None for a new task; the original's record when the caller's request_id was
+            used before with the same fingerprint (nothing is recorded then).
 
         Raises:
             RequestIdConflict: the request_id was used before with another request.
         """
-        record = new.record
-        if not record.request_id:
+        if not new.request_id:
             await self._group_insert.submit(new)
-            return record, True
+            return None
         async with self._begin() as conn:
-            existing = await self._by_request_id(conn, record.caller, record.request_id)
+            existing = await self._by_request_id(conn, new.caller, new.request_id)
             if existing is not None:
-                return self._same_request(existing, new.fingerprint), False
+                return self._same_request(existing, new.fingerprint)
             try:
                 async with conn.begin_nested():
                     await self._insert_rows(conn, [new])
             except sa.exc.IntegrityError:
-                existing = await self._by_request_id(conn, record.caller, record.request_id)
+                existing = await self._by_request_id(conn, new.caller, new.request_id)
                 if existing is None:
                     raise
-                return self._same_request(existing, new.fingerprint), False
-        return record, True
+                return self._same_request(existing, new.fingerprint)
+        return None
 
-    async def insert_batch(
-        self, news: Sequence[NewTask], *, request_id: str = ""
-    ) -> tuple[list[TaskRecord], bool]:
+    async def insert_batch(self, news: Sequence[NewTask], *, request_id: str = "") -> list[TaskRecord] | None:
         """Record several tasks in one transaction: all of them, or (on any error) none.
 
         When the tasks carry request_ids (one batch request_id, one per task), a batch
         whose request_ids all exist with the same fingerprints is a repeat.
 
         Returns:
-            ``(records, True)`` for new tasks; ``(originals, False)`` for a repeat.
+            None for new tasks; the originals' records, in order, for a repeat.
 
         Raises:
             RequestIdConflict: some of the request_ids exist, or exist for other requests.
         """
         if not news:
-            return [], True
-        keyed = bool(news[0].record.request_id)
-        if not keyed:
+            return None
+        if not news[0].request_id:
             async with self._one_statement() as conn:
                 await self._insert_rows(conn, news)
-            return [new.record for new in news], True
+            return None
         async with self._begin() as conn:
             existing = await self._existing_batch(conn, news, request_id)
             if existing is not None:
-                return existing, False
+                return existing
             try:
                 async with conn.begin_nested():
                     await self._insert_rows(conn, news)
@@ -455,15 +467,15 @@ class TaskStore:
                 existing = await self._existing_batch(conn, news, request_id)
                 if existing is None:
                     raise
-                return existing, False
-        return [new.record for new in news], True
+                return existing
+        return None
 
     async def _existing_batch(
         self, conn: AsyncConnection, news: Sequence[NewTask], request_id: str
     ) -> list[TaskRecord] | None:
         """The originals of a repeated batch; None if none of its request_ids exist."""
-        caller = news[0].record.caller
-        wanted = {new.record.request_id: new for new in news}
+        caller = news[0].caller
+        wanted = {new.request_id: new for new in news}
         query = sa.select(tasks).where(tasks.c.caller == caller, tasks.c.request_id.in_(list(wanted)))
         rows = {row["request_id"]: row for row in (await conn.execute(query)).mappings()}
         if not rows:
@@ -476,7 +488,7 @@ class TaskStore:
                 f"request_id {request_id!r} was already used for a different batch; "
                 "use a new request_id for a new batch"
             )
-        return [_record(rows[new.record.request_id]) for new in news]
+        return [_record(rows[new.request_id]) for new in news]
 
     async def _insert_many(self, news: Sequence[NewTask]) -> None:
         """One INSERT for many rows, atomic by itself (the group commit's flush)."""
