@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from service.server import Runtime
-from service.store import tasks
+from service.store import COPY_FROM, tasks
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.helpers import args, kwargs, value, wait_state
@@ -150,3 +150,13 @@ async def test_a_large_batch_is_recorded_and_published_once(
         rows = {row[0]: row[1] for row in await conn.execute(query)}
     assert len(rows) == 1000
     assert [rows[t.task_id] for t in response.tasks] == [f"{request_id}#{i}" for i in range(1000)]
+
+
+async def test_a_batch_over_the_copy_threshold_runs_with_its_arguments(stub: pb_grpc.TaskServiceStub) -> None:
+    count = COPY_FROM + 16  # recorded with COPY instead of INSERT … unnest
+    batch = [pb.BatchTask(task_name="demo.add", args=args(i), kwargs=kwargs(y=0.5)) for i in range(count)]
+    response = await stub.EnqueueBatch(pb.EnqueueBatchRequest(tasks=batch))
+    for i in (0, count // 2, count - 1):
+        task = await wait_state(stub, response.tasks[i].task_id)
+        assert task.state == pb.TASK_STATE_SUCCEEDED
+        assert value(task.result) == i + 0.5
