@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from bench.drive import LoadResult
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
 from bench.plan import Plan
-from bench.servers import broker_env, start_taskgate
+from bench.servers import Server, broker_env, start_taskgate
+from bench.streams import Stalls, stall_report
 
 #: Target of the issue: durable tasks per second in batches of 500.
 TARGET_TASKS_PER_SECOND = 20_000
@@ -36,10 +37,13 @@ class BatchSample:
     #: tasks per second through to the broker (acknowledged tasks / (load + lag))
     published_per_second: float
     server_cpu_us_per_task: float
+    stalls: Stalls | None
 
 
-def _batch_round(plan: Plan, children: Children, redis: PrivateRedis, target: str, pid: int) -> BatchSample:
+def _batch_round(plan: Plan, children: Children, redis: PrivateRedis, server: Server) -> BatchSample:
     redis.drain_broker()
+    target, pid = server.target, server.pid
+    stall_report(server)  # starts a new window
     command = [
         sys.executable, "-m", "bench.loadgen", "--target", target, "--method", "batch",
         "--batch-size", str(plan.batch_size), "--concurrency", str(plan.batch_concurrency),
@@ -71,6 +75,7 @@ def _batch_round(plan: Plan, children: Children, redis: PrivateRedis, target: st
         publish_lag=published_at - load_end,
         published_per_second=tasks / (published_at - started),
         server_cpu_us_per_task=cpu / max(tasks, 1) * 1e6,
+        stalls=stall_report(server),
     )
 
 
@@ -104,7 +109,7 @@ def run_batch(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDa
             announce(
                 f"round {round_no}/{plan.rounds}: EnqueueBatch x{plan.batch_size} @{plan.batch_concurrency}"
             )
-            samples.append(_batch_round(plan, children, redis, server.target, server.pid))
+            samples.append(_batch_round(plan, children, redis, server))
             announce(f"round {round_no}/{plan.rounds}: raw send_task")
             raw.append(_raw_round(plan, children, redis))
     finally:
@@ -134,4 +139,11 @@ def run_batch(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDa
         "Every round waits until the broker holds every acknowledged task (LLEN), so the "
         "'to broker' rate includes the outbox publishing them.",
     ]
+    stalls = [s.stalls for s in samples if s.stalls is not None]
+    if stalls:
+        worst = max(stalls, key=lambda s: s.max_ms)
+        lines.append(
+            f"Gateway event-loop stalls, worst round: {worst.text()} — target max ≤ 20 ms: "
+            f"{'MET' if worst.max_ms <= 20 else 'NOT MET'}."
+        )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from bench.drive import LoadResult
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
 from bench.plan import Plan
 from bench.servers import Server, broker_env
+from bench.streams import Stalls, stall_report
 
 
 @dataclass
@@ -39,6 +40,9 @@ class System:
     env: dict[str, str]
     pg: PrivateDatabase | None = None
     latency: bool = True
+    #: read the server's event-loop stall statistics around each run (taskgate only)
+    stalls_watched: bool = False
+    stalls: list[Stalls] = field(default_factory=list)
     throughput: list[Sample] = field(default_factory=list)
     latencies: list[Sample] = field(default_factory=list)
 
@@ -74,7 +78,7 @@ def contenders(
     client_env = python_env()
     return [
         System("taskgate", "(a) taskgate (durable)", taskgate, grpc_command(taskgate, plan.channels),
-               client_env, pg=db),
+               client_env, pg=db, stalls_watched=True),
         System("naive", "(b) naive gateway", naive, grpc_command(naive, plan.channels), client_env),
         System("raw", "(c) raw send_task, 1 thread", None, raw_command, broker_env(redis.url), latency=False),
         System("flower", "(d) Flower async-apply", flower, http_command(flower), client_env),
@@ -90,6 +94,8 @@ def measure(
 ) -> Sample:
     """One load-generator run against ``system``, with the CPU its serving side spent."""
     redis.drain_broker()
+    if system.stalls_watched and system.server is not None:
+        stall_report(system.server)  # starts a new window
     server_before = cpu_seconds(system.server.pid) if system.server else 0.0
     pg_before = _pg_cpu(system.pg)
     redis_before = cpu_seconds(redis.process.pid)
@@ -112,6 +118,8 @@ def measure(
         server_ms = result.client_cpu * result.elapsed * 1000 / max(result.completed, 1)
     if result.errors:
         announce(f"{system.key}: {result.errors} errors, first: {result.first_error}")
+    if system.stalls_watched and system.server is not None and (stalls := stall_report(system.server)):
+        system.stalls.append(stalls)
     return Sample(result, server_ms, pg_ms, redis_ms)
 
 
@@ -205,6 +213,10 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
+def _max_stall(system: System) -> float | None:
+    return max((s.max_ms for s in system.stalls), default=None)
+
+
 def _quotient(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -275,11 +287,19 @@ def report(plan: Plan, systems: list[System]) -> str:
             f"CPU per call           : gateway {tg.server_ms:.3f} vs {naive.server_ms:.3f} ms "
             f"({tg.server_ms - naive.server_ms:+.3f} ms), plus {pg:.3f} ms in PostgreSQL backends"
         )
+    if systems[0].stalls:
+        worst = max(systems[0].stalls, key=lambda s: s.max_ms)
+        lines += [
+            "",
+            f"taskgate event-loop stalls, worst of its {len(systems[0].stalls)} runs: {worst.text()}",
+            "(how late a 5 ms timer fires in the gateway: service/loopwatch.py, read with SIGUSR1)",
+        ]
     lines += ["", "## Targets (issue: fast), from the medians above", ""]
     for label, value, target, ambition, higher in (
         ("Enqueue/s, taskgate / Flower", _quotient(tg.rate, flower.rate), 3.0, 5.0, True),
         ("Enqueue/s, taskgate / naive", _quotient(tg.rate, naive.rate), 1.5, 2.0, True),
         (f"taskgate p99 @{lc} (ms)", tg.p99, 25.0, 10.0, False),
+        ("taskgate max loop stall (ms)", _max_stall(systems[0]), 20.0, 20.0, False),
     ):
         lines.append(
             f"{label:<32} {_fmt(value, '.2f'):>8}  target {'≥' if higher else '≤'} {target:g}: "
