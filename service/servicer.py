@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from grpc import aio
@@ -24,6 +26,33 @@ R = TypeVar("R", pb.EnqueueRequest, pb.EnqueueAtRequest)
 
 #: One line per Enqueue / EnqueueAt call: who, which task, the outcome. Never the arguments.
 audit = logging.getLogger("taskgate.audit")
+
+
+@dataclass(slots=True)
+class _Audited:
+    task_id: str = ""
+    outcome: str = "INTERNAL"
+
+
+@contextlib.contextmanager
+def _audited(what: str, request_id: str, *, one_task: bool = True) -> Iterator[_Audited]:
+    """Write one audit line for the call in the block, whatever its outcome.
+
+    ``what`` says who asked for what; the block sets the task_id and outcome on success,
+    errors set the outcome from their gRPC code.
+    """
+    audited = _Audited()
+    try:
+        yield audited
+    except TaskgateError as exc:
+        audited.outcome = exc.code.name
+        raise
+    except asyncio.CancelledError:
+        audited.outcome = "CANCELLED"
+        raise
+    finally:
+        task_id = f" task_id={audited.task_id or '-'}" if one_task else ""
+        audit.info("%s%s request_id=%r outcome=%s", what, task_id, request_id, audited.outcome)
 
 
 def _clip(text: str) -> str:
@@ -54,28 +83,13 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         self, request: R, context: Context, decode: Callable[[R, InputLimits], TaskSpec]
     ) -> Accepted:
         caller = self._auth.caller_of(context)
-        task_id, outcome = "", "INTERNAL"
-        try:
+        what = f"caller={caller.name!r} task_name={_clip(request.task_name)!r}"
+        with _audited(what, _clip(request.request_id)) as audited:
             self._rate.check(caller)
             accepted = await self._gateway.enqueue(decode(request, self._limits.input), caller)
-            task_id = accepted.task_id
-            outcome = "deduplicated" if accepted.deduplicated else "accepted"
-            return accepted
-        except TaskgateError as exc:
-            outcome = exc.code.name
-            raise
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
-            raise
-        finally:
-            audit.info(
-                "caller=%r task_name=%r task_id=%s request_id=%r outcome=%s",
-                caller.name,
-                _clip(request.task_name),
-                task_id or "-",
-                _clip(request.request_id),
-                outcome,
-            )
+            audited.task_id = accepted.task_id
+            audited.outcome = "deduplicated" if accepted.deduplicated else "accepted"
+        return accepted
 
     @grpc_errors
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:  # noqa: N802
@@ -100,9 +114,9 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.EnqueueBatchRequest, context: Context
     ) -> pb.EnqueueBatchResponse:
         caller = self._auth.caller_of(context)
-        count, outcome = len(request.tasks), "INTERNAL"
-        request_id = ""
-        try:
+        count = len(request.tasks)
+        what = f"caller={caller.name!r} batch of {count} tasks"
+        with _audited(what, _clip(request.request_id), one_task=False) as audited:
             if not request.tasks:
                 raise InvalidRequest("tasks is empty: a batch needs at least one task")
             if count > self._limits.max_batch:
@@ -121,21 +135,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
                 for i, task in enumerate(request.tasks)
             ]
             accepted, repeated = await self._gateway.enqueue_batch(specs, caller, request_id=request_id)
-            outcome = "deduplicated" if repeated else "accepted"
-        except TaskgateError as exc:
-            outcome = exc.code.name
-            raise
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
-            raise
-        finally:
-            audit.info(
-                "caller=%r batch of %d tasks request_id=%r outcome=%s",
-                caller.name,
-                count,
-                _clip(request.request_id),
-                outcome,
-            )
+            audited.outcome = "deduplicated" if repeated else "accepted"
         return pb.EnqueueBatchResponse(
             tasks=[
                 pb.EnqueuedTask(task_id=a.task_id, state=convert.state_to_proto(a.state)) for a in accepted
