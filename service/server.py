@@ -67,6 +67,10 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.so_reuseport", 1),
+            # calls that arrived but are not yet handed to Python: gRPC core's defaults
+            # (1,000, hard 3,000) cancel part of a reconnect storm of a full server's streams
+            ("grpc.server.max_pending_requests", limits.max_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 3 * limits.max_streams),
         ],
     )
     servicer = TaskServicer(gateway, security.authenticator, limits)
