@@ -16,9 +16,11 @@ Failed calls raise ``taskgate.errors.TaskgateError`` subclasses (re-exported her
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Self
 
 import grpc
@@ -74,6 +76,36 @@ def _finished(task: Task) -> Task:
 
 def _timed_out(task_id: str, timeout: float) -> DeadlineExceeded:
     return DeadlineExceeded(f"task {task_id} did not end within {timeout:g} s")
+
+
+class _Retry:
+    """The deadline and backoff of ``wait``: it re-opens a stream the server ended UNAVAILABLE."""
+
+    def __init__(self, clock: Callable[[], float], timeout: float | None) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._deadline = None if timeout is None else clock() + timeout
+        self._pause = 0.1
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next stream; None without a timeout."""
+        return None if self._deadline is None else max(self._deadline - self._clock(), 0.001)
+
+    def timed_out(self, task_id: str, exc: DeadlineExceeded) -> DeadlineExceeded:
+        """The error ``wait`` raises when its time is up."""
+        return exc if self._timeout is None else _timed_out(task_id, self._timeout)
+
+    def next_pause(self, task_id: str, exc: Unavailable) -> float:
+        """Seconds to sleep before the next try (0.1 s doubling to 2 s), within the deadline.
+
+        Raises:
+            DeadlineExceeded: no time is left for another try.
+        """
+        pause, self._pause = self._pause, min(self._pause * 2, 2.0)
+        left = self.remaining()
+        if left is not None and left <= pause:
+            raise self.timed_out(task_id, DeadlineExceeded(str(exc))) from exc
+        return pause
 
 
 def _cut_short(task_id: str) -> Internal:
@@ -213,20 +245,26 @@ class AsyncClient:
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """Wait for the task to end and return it.
 
+        A stream the server ends with UNAVAILABLE (it is stopping, or unreachable for a
+        moment) is opened again, with backoff, until ``timeout``.
+
         Raises:
             TaskFailed: it ended FAILED or CANCELLED (``.task`` has the error).
             DeadlineExceeded: it had not ended after ``timeout`` seconds (also a TimeoutError).
         """
-        async with contextlib.aclosing(self.progress(task_id, timeout=timeout)) as stream:
+        loop = asyncio.get_running_loop()
+        retry = _Retry(loop.time, timeout)
+        while True:
             try:
-                async for task in stream:
-                    if task.state.terminal:
-                        return _finished(task)
+                async with contextlib.aclosing(self.progress(task_id, timeout=retry.remaining())) as stream:
+                    async for task in stream:
+                        if task.state.terminal:
+                            return _finished(task)
+                raise _cut_short(task_id)
             except DeadlineExceeded as exc:
-                if timeout is None:
-                    raise
-                raise _timed_out(task_id, timeout) from exc
-        raise _cut_short(task_id)
+                raise retry.timed_out(task_id, exc) from exc
+            except Unavailable as exc:
+                await asyncio.sleep(retry.next_pause(task_id, exc))
 
 
 class Client:
@@ -342,13 +380,15 @@ class Client:
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """As ``AsyncClient.wait``."""
-        with contextlib.closing(self.progress(task_id, timeout=timeout)) as stream:
+        retry = _Retry(time.monotonic, timeout)
+        while True:
             try:
-                for task in stream:
-                    if task.state.terminal:
-                        return _finished(task)
+                with contextlib.closing(self.progress(task_id, timeout=retry.remaining())) as stream:
+                    for task in stream:
+                        if task.state.terminal:
+                            return _finished(task)
+                raise _cut_short(task_id)
             except DeadlineExceeded as exc:
-                if timeout is None:
-                    raise
-                raise _timed_out(task_id, timeout) from exc
-        raise _cut_short(task_id)
+                raise retry.timed_out(task_id, exc) from exc
+            except Unavailable as exc:
+                time.sleep(retry.next_pause(task_id, exc))

@@ -47,7 +47,7 @@ async def _pump(process: asyncio.subprocess.Process, output: bytearray) -> None:
 
 async def run_serve(settings: Settings, **env: str) -> asyncio.subprocess.Process:
     """Start ``taskgate serve`` with this run's settings (stdout and stderr merged)."""
-    environment = child_env(settings, TASKGATE_LISTEN="127.0.0.1:0", **env)
+    environment = child_env(settings, **{"TASKGATE_LISTEN": "127.0.0.1:0", **env})
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve",
         cwd=ROOT, env=environment, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import grpc
 import pytest
@@ -10,11 +11,12 @@ from grpc import aio
 
 from service.config import Settings
 from service.schema import ensure_database
+from taskgate.client import AsyncClient, TaskState
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.conftest import _admin, database_url
 from tests.helpers import args
-from tests.processes import gateway_process, run_serve
+from tests.processes import GatewayProcess, gateway_process, run_serve, start_gateway
 
 
 async def test_serve_refuses_a_database_that_is_not_migrated(settings: Settings, run_id: str) -> None:
@@ -45,3 +47,23 @@ async def test_sigterm_ends_streams_and_exits_cleanly(settings: Settings, worker
             assert "shutting down" in (caught.value.details() or "")
             assert await code_task == 0
     assert b"stopped" in gateway.output
+
+
+async def test_client_wait_outlives_a_gateway_restart(settings: Settings, worker: object) -> None:
+    first = await start_gateway(settings)
+    second: GatewayProcess | None = None
+    try:
+        async with AsyncClient(first.target) as client:
+            task_id = await client.enqueue("demo.sleep", 2)
+            waiting = asyncio.create_task(client.wait(task_id, timeout=60))
+            await asyncio.sleep(0.5)
+            assert await first.stop() == 0  # its stream ends UNAVAILABLE; wait() keeps calling
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            second = await start_gateway(settings, TASKGATE_LISTEN=first.target)
+            task = await waiting
+        assert task.state is TaskState.SUCCEEDED
+    finally:
+        for gateway in (first, second):
+            if gateway is not None:
+                await gateway.stop(signal.SIGKILL)
