@@ -76,7 +76,7 @@ def _redis(state: Path) -> Iterator[str]:
 
 def run(settings: Settings) -> int:
     """Run redis, a worker and the gateway until Ctrl-C."""
-    from service.server import serve
+    from service.server import masked_url, serve
 
     STATE_DIR.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -93,8 +93,8 @@ def run(settings: Settings) -> int:
         stack.enter_context(_child([*worker, "-l", "INFO", "-n", "dev@%h"], env, "worker"))
         target = dev_settings.listen
         print(
-            f"\ntaskgate is up on {target} (database {dev_settings.database_url}, "
-            f"broker {dev_settings.broker_url})\ntry, from another terminal:\n"
+            f"\ntaskgate is up on {target} (database {masked_url(dev_settings.database_url)}, "
+            f"broker {masked_url(dev_settings.broker_url)})\ntry, from another terminal:\n"
             f"  npx buf curl --protocol grpc --http2-prior-knowledge "
             f'-d \'{{"task_name":"demo.progress","args":[5]}}\' '
             f"http://{target}/taskgate.v1.TaskService/Enqueue\n"
