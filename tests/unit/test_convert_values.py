@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,3 +48,10 @@ def test_to_struct_matches_parse_dict_and_round_trips(value: dict[str, Any]) -> 
 )
 def test_non_json_values_become_json(value: Any, expected: Any) -> None:
     assert json_format.MessageToDict(convert.to_value(value)) == expected
+
+
+@given(st.datetimes(timezones=st.just(dt.UTC)))
+def test_to_timestamp_matches_from_datetime(moment: dt.datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(moment)
+    assert convert.to_timestamp(moment) == expected
