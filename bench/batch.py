@@ -18,7 +18,7 @@ from bench.drive import LoadResult
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
 from bench.plan import Plan
 from bench.servers import Server, broker_env, start_taskgate
-from bench.streams import Stalls, stall_report
+from bench.stalls import Stalls, stall_report
 
 #: Target of the issue: durable tasks per second in batches of 500.
 TARGET_TASKS_PER_SECOND = 20_000
@@ -144,6 +144,7 @@ def run_batch(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDa
         worst = max(stalls, key=lambda s: s.max_ms)
         lines.append(
             f"Gateway event-loop stalls, worst round: {worst.text()} — target max ≤ 20 ms: "
-            f"{'MET' if worst.max_ms <= 20 else 'NOT MET'}."
+            f"{'MET' if worst.max_ms <= 20 else 'NOT MET'} (counting only the loop's own running: "
+            f"{'MET' if worst.busy_max_ms <= 20 else 'NOT MET'})."
         )
     return "\n".join(lines)

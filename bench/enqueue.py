@@ -16,7 +16,7 @@ from bench.drive import LoadResult
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
 from bench.plan import Plan
 from bench.servers import Server, broker_env
-from bench.streams import Stalls, stall_report
+from bench.stalls import Stalls, stall_report
 
 
 @dataclass
@@ -213,8 +213,8 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def _max_stall(system: System) -> float | None:
-    return max((s.max_ms for s in system.stalls), default=None)
+def _max_stall(system: System, *, busy: bool = False) -> float | None:
+    return max((s.busy_max_ms if busy else s.max_ms for s in system.stalls), default=None)
 
 
 def _quotient(a: float | None, b: float | None) -> float | None:
@@ -300,6 +300,7 @@ def report(plan: Plan, systems: list[System]) -> str:
         ("Enqueue/s, taskgate / naive", _quotient(tg.rate, naive.rate), 1.5, 2.0, True),
         (f"taskgate p99 @{lc} (ms)", tg.p99, 25.0, 10.0, False),
         ("taskgate max loop stall (ms)", _max_stall(systems[0]), 20.0, 20.0, False),
+        ("  of which its own running (ms)", _max_stall(systems[0], busy=True), 20.0, 20.0, False),
     ):
         lines.append(
             f"{label:<32} {_fmt(value, '.2f'):>8}  target {'≥' if higher else '≤'} {target:g}: "
