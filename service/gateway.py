@@ -90,6 +90,7 @@ class Gateway:
         """
         now = dt.datetime.now(dt.UTC)
         new = self._prepare(spec, caller, now)
+        await self._outbox.room()
         original = await self._store.insert(new)
         if original is not None:
             log.info("task_id=%s request_id=%s deduplicated", original.task_id, spec.request_id)
@@ -132,6 +133,7 @@ class Gateway:
                 violations.append((f"tasks[{index}]", str(exc)))
         if violations:
             raise InvalidTasks(violations)
+        await self._outbox.room()
         originals = await self._store.insert_batch(news, request_id=request_id)
         if originals is not None:
             log.info("request_id=%s: repeated batch of %d tasks, deduplicated", request_id, len(originals))

@@ -43,6 +43,7 @@ class Outbox:
         poll_interval: float = 0.5,
         batch_size: int = 500,
         max_pending: int = 50_000,
+        backlog: int = 10_000,
         mark_interval: float = 0.1,
         linger: float = 0.005,
     ) -> None:
@@ -53,6 +54,10 @@ class Outbox:
         self._batch_size = batch_size
         self._pending: collections.deque[Delivery] = collections.deque()
         self._max_pending = max_pending
+        #: above this many tasks waiting for the fast path, new enqueues wait (``room``)
+        self._backlog = backlog
+        self._drained = asyncio.Event()
+        self._drained.set()
         #: published but not yet marked in the database; marked together, at most
         #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile)
         self._unmarked: list[str] = []
@@ -69,6 +74,21 @@ class Outbox:
     def lease(self) -> dt.timedelta:
         """How long a claim on a row keeps other publishers off it."""
         return self._lease
+
+    async def room(self, timeout: float = 5.0) -> None:
+        """Wait while the fast path has more than ``backlog`` tasks waiting to be published.
+
+        Backpressure: under a sustained load the publisher cannot keep up with, enqueues
+        slow down to its pace instead of piling up tasks that would reach the broker only
+        after the lease. Never waits while the broker is down (the outbox keeps every task
+        then), nor longer than ``timeout`` seconds.
+        """
+        if len(self._pending) <= self._backlog or self._backoff:
+            return
+        self._drained.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
 
     def submit(self, delivery: Delivery) -> None:
         """Publish a just-committed task soon. Never blocks; when the fast path is full the
@@ -146,7 +166,10 @@ class Outbox:
         published = 0
         while self._pending:
             batch = [self._pending.popleft() for _ in range(min(self._batch_size, len(self._pending)))]
+            if len(self._pending) <= self._backlog // 2:
+                self._drained.set()
             published += await self._publish(batch)
+        self._drained.set()
         return published
 
     async def _relay_due(self) -> int:

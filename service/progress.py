@@ -27,6 +27,9 @@ from service.domain import TaskUpdate
 
 log = logging.getLogger(__name__)
 
+#: Messages handled between two yields to the event loop.
+YIELD_EVERY = 32
+
 #: Redis CLIENT SETNAME prefix of the hub's connections (visible in CLIENT LIST).
 CLIENT_NAME = "taskgate-hub"
 
@@ -151,12 +154,18 @@ class ProgressHub:
         pubsub = self._subscriber.pubsub()
         try:
             await pubsub.psubscribe(f"{self._prefix}*")
+            handled = 0
             async for message in pubsub.listen():
                 kind = message.get("type")
                 if kind == "psubscribe":
                     self._subscribed()
                 elif kind == "pmessage":
                     self._dispatch(message["channel"], message["data"])
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:
+                        # buffered messages are read without suspending: let the streams
+                        # (and every other callback) run between slices of a burst
+                        await asyncio.sleep(0)
         finally:
             if self._ready.is_set():
                 self._ready.clear()
