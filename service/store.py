@@ -216,11 +216,11 @@ def _update_row(update: TaskUpdate) -> tuple[Any, ...]:
         update.task_id,
         update.state.value,
         update.observed_time,
-        None if update.error is None else json.dumps(vars_of(update.error)),
-        None if update.progress is None else json.dumps(vars_of(update.progress)),
+        None if update.error is None else _any_json(vars_of(update.error)),
+        None if update.progress is None else _any_json(vars_of(update.progress)),
         update.retries,
         # results are whatever the task returned, decoded by json: keep json for them
-        json.dumps(update.result) if succeeded and update.result is not None else None,
+        _any_json(update.result) if succeeded and update.result is not None else None,
         (update.end_time or update.observed_time) if terminal else None,
         update.start_time,
     )
@@ -304,6 +304,15 @@ _UNNEST_INSERT = "INSERT INTO tasks ({names}) SELECT {casts} FROM unnest({arrays
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _any_json(value: Any) -> str:
+    """JSON of a value decoded from a worker's document: orjson, or the json module for what
+    orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def _row(new: NewTask) -> dict[str, Any]:
@@ -560,15 +569,16 @@ class TaskStore:
         updates = list(updates)
         if not updates:
             return 0
+        if self._engine.dialect.name == "postgresql":
+            columns: list[list[Any]] = [[] for _ in range(9)]
+            for update in updates:
+                for values, value in zip(columns, _update_row(update), strict=True):
+                    values.append(value)
+            async with self._one_statement() as conn:  # one statement: atomic by itself
+                status = await _driver_execute(conn, _UNNEST_UPDATE, *columns)
+            return int(status.rsplit(" ", 1)[-1])
         changed = 0
         async with self._begin() as conn:
-            if conn.dialect.name == "postgresql":
-                columns: list[list[Any]] = [[] for _ in range(9)]
-                for update in updates:
-                    for values, value in zip(columns, _update_row(update), strict=True):
-                        values.append(value)
-                status = await _driver_execute(conn, _UNNEST_UPDATE, *columns)
-                return int(status.rsplit(" ", 1)[-1])
             for update in updates:
                 statement = (
                     tasks.update()
