@@ -116,21 +116,27 @@ class Gateway:
             The accepted tasks in order, and whether the batch was a repeat (nothing new).
 
         Raises:
-            InvalidTasks: one violation per invalid (or forbidden) task, by index; nothing
-                is recorded.
+            PermissionDenied: the caller may not enqueue one of the tasks (the first is named);
+                nothing is recorded.
+            InvalidTasks: one violation per invalid task, by index; nothing is recorded.
             RequestIdConflict: the batch's request_id was used for other tasks.
             DatabaseUnavailable: nothing was recorded.
         """
         now = dt.datetime.now(dt.UTC)
         news: list[NewTask] = []
         violations: list[tuple[str, str]] = []
+        denied: PermissionDenied | None = None
         for index, spec in enumerate(specs):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)  # a large batch must not hold the event loop
             try:
                 news.append(self._prepare(spec(), caller, now))
-            except (InvalidRequest, PermissionDenied) as exc:
+            except PermissionDenied as exc:
+                denied = denied or PermissionDenied(f"tasks[{index}]: {exc}")
+            except InvalidRequest as exc:
                 violations.append((f"tasks[{index}]", str(exc)))
+        if denied is not None:
+            raise denied
         if violations:
             raise InvalidTasks(violations)
         await self._outbox.room()

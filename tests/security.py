@@ -27,7 +27,10 @@ from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.helpers import args
 
-TOKENS = {name: secrets.token_urlsafe(24) for name in ("billing", "billing-new", "reader", "other", "slow")}
+TOKENS = {
+    name: secrets.token_urlsafe(24)
+    for name in ("billing", "billing-new", "reader", "other", "slow", "batcher")
+}
 MTLS_CN = "mtls-client.internal"
 
 
@@ -50,6 +53,11 @@ tasks = ["demo.*"]
 
 [callers.slow]
 token_sha256 = "{sha(TOKENS["slow"])}"
+tasks = ["demo.add"]
+rate = 0.2
+
+[callers.batcher]
+token_sha256 = "{sha(TOKENS["batcher"])}"
 tasks = ["demo.add"]
 rate = 0.2
 

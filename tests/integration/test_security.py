@@ -336,3 +336,27 @@ async def test_a_secured_process_hides_its_secrets(settings: Settings, auth_file
     output = gateway.output.decode(errors="replace")
     assert "database postgresql+asyncpg://postgres:***@" in output
     assert password not in output and TOKENS["billing"] not in output
+
+
+async def test_a_batch_with_a_forbidden_task_is_denied_whole(
+    stub: pb_grpc.TaskServiceStub, runtime: Runtime
+) -> None:
+    before = await count_tasks(runtime, "billing")
+    batch = pb.EnqueueBatchRequest(
+        tasks=[
+            pb.BatchTask(task_name="demo.add", args=args(1, 2)),
+            pb.BatchTask(task_name="demo.sleep", args=args(0)),
+            pb.BatchTask(task_name="demo.nope"),
+        ]
+    )
+    error = await refused(stub.EnqueueBatch(batch, metadata=bearer("billing")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (error.details() or "").startswith("tasks[1]: ")
+    assert await count_tasks(runtime, "billing") == before
+
+
+async def test_a_batch_counts_every_task_against_the_rate(stub: pb_grpc.TaskServiceStub) -> None:
+    batch = pb.EnqueueBatchRequest(tasks=[pb.BatchTask(task_name="demo.add", args=args(1, 2))] * 3)
+    await stub.EnqueueBatch(batch, metadata=bearer("batcher"))  # a full bucket: passes, left in debt
+    error = await refused(stub.Enqueue(add(), metadata=bearer("batcher")))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
