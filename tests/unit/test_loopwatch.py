@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -99,21 +101,28 @@ def test_interval_must_be_positive() -> None:
         LoopWatch(interval=0)
 
 
-async def test_a_blocked_loop_shows_up_as_a_stall(caplog: pytest.LogCaptureFixture) -> None:
-    watch = LoopWatch(interval=0.005, warn_ms=30.0)
+@contextlib.asynccontextmanager
+async def watching(watch: LoopWatch) -> AsyncIterator[None]:
+    """Run ``watch``; the block starts on a fresh window and ends after two more samples."""
     task = asyncio.create_task(watch.run())
     try:
         while watch.report(reset=False).samples < 3:
             await asyncio.sleep(0.005)
-        watch.report()  # a fresh window: only the deliberate stall below is in it
-        with caplog.at_level(logging.WARNING, logger="service.loopwatch"):
-            time.sleep(0.05)  # noqa: ASYNC251 - the deliberate stall under test
-            while watch.report(reset=False).samples < 2:
-                await asyncio.sleep(0.005)
+        watch.report()  # a fresh window: only the block's deliberate stall is in it
+        yield
+        while watch.report(reset=False).samples < 2:
+            await asyncio.sleep(0.005)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_blocked_loop_shows_up_as_a_stall(caplog: pytest.LogCaptureFixture) -> None:
+    watch = LoopWatch(interval=0.005, warn_ms=30.0)
+    with caplog.at_level(logging.WARNING, logger="service.loopwatch"):
+        async with watching(watch):
+            time.sleep(0.05)  # noqa: ASYNC251 - the deliberate stall under test
     report = watch.report()
     assert report.max_ms >= 40.0
     assert report.over_warn >= 1
@@ -122,20 +131,10 @@ async def test_a_blocked_loop_shows_up_as_a_stall(caplog: pytest.LogCaptureFixtu
 
 async def test_a_busy_loop_shows_up_as_a_busy_stall() -> None:
     watch = LoopWatch(interval=0.005)
-    task = asyncio.create_task(watch.run())
-    try:
-        while watch.report(reset=False).samples < 3:
-            await asyncio.sleep(0.005)
-        watch.report()
+    async with watching(watch):
         start = time.thread_time()
         while time.thread_time() - start < 0.05:  # the deliberate stall: 50 ms of CPU on the loop
             pass
-        while watch.report(reset=False).samples < 2:
-            await asyncio.sleep(0.005)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
     report = watch.report()
     assert report.max_ms >= 40.0
     assert report.busy_max_ms >= 40.0
