@@ -68,6 +68,13 @@ class Recorder:
                 log.warning(
                     "recorder paused %.1fs: database unavailable (%d pending)", backoff, len(self._pending)
                 )
+            except Exception:  # a background loop must outlive any one failure
+                # flush() kept the batch: it is written on the next try (a deadlock victim,
+                # say); the traceback says what went wrong if it keeps failing
+                backoff = min(max(backoff * 2, 0.5), 5.0)
+                log.exception(
+                    "recorder: writing %d update(s) failed; retrying in %.1fs", len(self._pending), backoff
+                )
 
     async def flush(self) -> None:
         """Write everything pending now."""
@@ -94,6 +101,8 @@ class Recorder:
                 await self.reconcile(hub)
             except (Unavailable, RedisError, OSError) as exc:
                 log.warning("reconcile skipped: %s", type(exc).__name__)
+            except Exception:  # a background loop must outlive any one failure
+                log.exception("reconcile failed; trying again at the next interval")
 
     async def reconcile(self, hub: ProgressHub, limit: int = 1000) -> int:
         """One reconcile pass; returns how many updates it found."""

@@ -205,7 +205,20 @@ FROM unnest($1::varchar[], $2::varchar[], $3::timestamptz[], $4::text[], $5::tex
             $7::text[], $8::timestamptz[], $9::timestamptz[])
     AS u(task_id, state, observed, error, progress, retries, result, end_time, start_time)
 WHERE t.task_id = u.task_id AND t.state NOT IN ({", ".join(f"'{state}'" for state in _TERMINAL)})
+    -- rows are locked in task_id order, as every other multi-row UPDATE here does: two
+    -- statements over the same tasks then wait for each other instead of deadlocking
+    AND t.task_id IN (SELECT task_id FROM tasks WHERE task_id = ANY($1) ORDER BY task_id FOR UPDATE)
 """
+
+
+def _locked_in_order(task_ids: Sequence[str]) -> sa.Select[tuple[str]]:
+    """The rows of ``task_ids``, locked in task_id order (see ``_UNNEST_UPDATE``)."""
+    return (
+        sa.select(tasks.c.task_id)
+        .where(tasks.c.task_id.in_(list(task_ids)))
+        .order_by(tasks.c.task_id)
+        .with_for_update()
+    )
 
 
 def _update_row(update: TaskUpdate) -> tuple[Any, ...]:
@@ -620,7 +633,7 @@ class TaskStore:
         async with self._begin() as conn:
             await conn.execute(
                 tasks.update()
-                .where(tasks.c.task_id.in_(list(task_ids)))
+                .where(tasks.c.task_id.in_(_locked_in_order(task_ids)))
                 .values(publish_after=None, publish_time=sa.func.coalesce(tasks.c.publish_time, now))
             )
 
@@ -631,7 +644,7 @@ class TaskStore:
         async with self._begin() as conn:
             await conn.execute(
                 tasks.update()
-                .where(tasks.c.task_id.in_(list(task_ids)), tasks.c.publish_after.isnot(None))
+                .where(tasks.c.task_id.in_(_locked_in_order(task_ids)), tasks.c.publish_after.isnot(None))
                 .values(publish_after=when)
             )
 
