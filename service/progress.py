@@ -147,6 +147,11 @@ class ProgressHub:
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:  # a background loop must outlive any one failure
+                self._ready.clear()
+                log.exception("progress subscription failed; reconnecting in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.2
 
@@ -160,7 +165,10 @@ class ProgressHub:
                 if kind == "psubscribe":
                     self._subscribed()
                 elif kind == "pmessage":
-                    self._dispatch(message["channel"], message["data"])
+                    try:
+                        self._dispatch(message["channel"], message["data"])
+                    except Exception:  # one bad document must not cost every stream its updates
+                        log.exception("update on %r not handled; skipped", message["channel"])
                     handled += 1
                     if handled % YIELD_EVERY == 0:
                         # buffered messages are read without suspending: let the streams
