@@ -79,7 +79,7 @@ def from_list_value(value: struct_pb2.ListValue, max_depth: int = _NO_LIMITS_DEP
 
 def from_struct(value: struct_pb2.Struct, max_depth: int = _NO_LIMITS_DEPTH) -> dict[str, Any]:
     """A Struct as a Python dict, integral numbers as ints (errors as for ``from_list_value``)."""
-    return {k: _python(v, 1, max_depth) for k, v in value.fields.items()}
+    return {_no_nul(k): _python(v, 1, max_depth) for k, v in value.fields.items()}
 
 
 def _python(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
@@ -87,7 +87,7 @@ def _python(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
     several times faster, and it checks the limits on the same walk)."""
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        return value.string_value
+        return _no_nul(value.string_value)
     if kind == "number_value":
         number = value.number_value
         if number.is_integer():
@@ -100,12 +100,18 @@ def _python(value: struct_pb2.Value, depth: int, max_depth: int) -> Any:
     if kind == "struct_value":
         if depth >= max_depth:
             raise _too_deep(max_depth)
-        return {k: _python(v, depth + 1, max_depth) for k, v in value.struct_value.fields.items()}
+        return {_no_nul(k): _python(v, depth + 1, max_depth) for k, v in value.struct_value.fields.items()}
     if kind == "list_value":
         if depth >= max_depth:
             raise _too_deep(max_depth)
         return [_python(v, depth + 1, max_depth) for v in value.list_value.values]
     return None
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise InvalidRequest("args, kwargs and headers may not contain the NUL character (U+0000)")
+    return text
 
 
 def _too_deep(max_depth: int) -> InvalidRequest:
@@ -207,6 +213,9 @@ RESERVED_HEADERS = frozenset(
 def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
     if not headers:
         return {}
+    for name, text in headers.items():
+        _no_nul(name)
+        _no_nul(text)
     reserved = sorted(name for name in headers if name.lower() in RESERVED_HEADERS)
     if reserved:
         raise InvalidRequest(f"headers may not set Celery's own headers: {', '.join(reserved)}")

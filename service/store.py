@@ -321,11 +321,25 @@ def _json(value: Any) -> str:
 
 def _any_json(value: Any) -> str:
     """JSON of a value decoded from a worker's document: orjson, or the json module for what
-    orjson refuses (integers beyond 64 bits)."""
+    orjson refuses (integers beyond 64 bits). PostgreSQL cannot store U+0000 in jsonb: it
+    becomes U+FFFD (the replacement character)."""
     try:
-        return orjson.dumps(value).decode()
+        text = orjson.dumps(value).decode()
     except TypeError:
-        return json.dumps(value)
+        text = json.dumps(value)
+    if "\\u0000" in text:
+        return _any_json(_without_nul(value))
+    return text
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def _row(new: NewTask) -> dict[str, Any]:

@@ -216,3 +216,22 @@ async def test_health_is_serving(channel: aio.Channel, runtime: Runtime) -> None
             break
         await asyncio.sleep(0.2)
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_an_update_the_database_refuses_does_not_hold_back_the_others(
+    stub: pb_grpc.TaskServiceStub, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = pb.EnqueueAtRequest(task_name="demo.add", args=args(1, 2))
+    held.run_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    good, bad = [(await stub.EnqueueAt(held)).task_id for _ in range(2)]
+    now = dt.datetime.now(dt.UTC)
+    runtime.recorder.record(TaskUpdate(task_id=good, state=TaskState.RUNNING, observed_time=now))
+    # more retries than PostgreSQL's integer holds: the whole batch's UPDATE fails
+    runtime.recorder.record(
+        TaskUpdate(task_id=bad, state=TaskState.RETRYING, observed_time=now, retries=2**40)
+    )
+    await runtime.recorder.flush()
+    stored_good, stored_bad = [await runtime.store.get(task_id) for task_id in (good, bad)]
+    assert stored_good is not None and stored_good.state is TaskState.RUNNING
+    assert stored_bad is not None and stored_bad.state is TaskState.SCHEDULED
+    assert any(bad in record.getMessage() and "dropped" in record.getMessage() for record in caplog.records)

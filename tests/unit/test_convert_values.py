@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from typing import Any
 
@@ -12,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import convert
+from service.errors import InvalidRequest
+from service.store import _any_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False) | st.text(),
@@ -55,3 +58,22 @@ def test_to_timestamp_matches_from_datetime(moment: dt.datetime) -> None:
     expected = timestamp_pb2.Timestamp()
     expected.FromDatetime(moment)
     assert convert.to_timestamp(moment) == expected
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: convert.from_list_value(json_format.ParseDict(["a\x00b"], struct_pb2.ListValue())),
+        lambda: convert.from_struct(json_format.ParseDict({"k\x00": 1}, struct_pb2.Struct())),
+        lambda: convert.from_struct(json_format.ParseDict({"k": [{"x": "\x00"}]}, struct_pb2.Struct())),
+    ],
+)
+def test_nul_characters_are_refused(make: Any) -> None:
+    with pytest.raises(InvalidRequest, match="NUL"):
+        make()
+
+
+def test_worker_json_without_nul_for_postgresql() -> None:
+    text = _any_json({"message": "a\x00b", "k\x00": ["\x00", 2**70]})
+    assert "\\u0000" not in text
+    assert json.loads(text) == {"message": "a\ufffdb", "k\ufffd": ["\ufffd", 2**70]}
