@@ -549,8 +549,10 @@ class TaskStore:
             raise
 
     async def _insert_rows(self, conn: AsyncConnection, news: Sequence[NewTask]) -> None:
-        """INSERT rows in the caller's transaction: on PostgreSQL one ``unnest`` statement
-        with one array per column (asyncpg encodes them in C), elsewhere executemany."""
+        """INSERT rows on the caller's connection (in its transaction, if it has one): on
+        PostgreSQL one ``unnest`` statement with one array per column (asyncpg encodes them in
+        C), or binary COPY from ``COPY_FROM`` rows on; elsewhere executemany. Either way one
+        statement: all rows or none."""
         if conn.dialect.name != "postgresql":
             await conn.execute(tasks.insert(), [_row(new) for new in news])
             return
