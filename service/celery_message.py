@@ -61,10 +61,14 @@ class RedisLayout:
         name = f"{queue}{self.sep}{step}" if step else queue
         return f"{self.key_prefix}{name}"
 
+    def __post_init__(self) -> None:
+        # sorted once here, not for every message
+        object.__setattr__(self, "priority_steps", tuple(sorted(self.priority_steps)))
+
     def priority_step(self, priority: int) -> int:
         """kombu's mapping of a priority (clamped to 0 to 9) onto the configured steps."""
         priority = max(min(priority, 9), 0)
-        steps = sorted(self.priority_steps)
+        steps = self.priority_steps
         return steps[max(bisect.bisect(steps, priority) - 1, 0)]
 
     def binding_keys(self, queue: str) -> tuple[str, str, str]:

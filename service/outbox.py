@@ -93,11 +93,7 @@ class Outbox:
     def submit(self, delivery: Delivery) -> None:
         """Publish a just-committed task soon. Never blocks; when the fast path is full the
         task simply waits for the relay (it is durable already)."""
-        if len(self._pending) >= self._max_pending:
-            log.warning("task_id=%s left to the relay: fast path full", delivery.task_id)
-            return
-        self._pending.append(delivery)
-        self._wake.set()
+        self.submit_many((delivery,))
 
     def submit_many(self, deliveries: Sequence[Delivery]) -> None:
         """``submit`` for several tasks (one wake-up)."""

@@ -77,37 +77,37 @@ class Recorder:
                 )
 
     async def flush(self) -> None:
-        """Write everything pending now.
-
-        An update the database refuses (not an outage) must not hold back the others: the
-        batch is then written one update at a time, and the refused one is logged and dropped.
-        """
+        """Write everything pending now."""
         while self._pending:
             ids = list(self._pending)[: self._batch_size]
             batch = [self._pending.pop(task_id) for task_id in ids]
             try:
-                try:
-                    await self._store.apply_updates(batch)
-                except Unavailable:
-                    raise
-                except Exception:  # noqa: BLE001 - whatever the database refused, isolate it
-                    log.warning("recorder: a batch of %d was refused; writing one at a time", len(batch))
-                    for update in batch:
-                        await self._write_alone(update)
+                await self._write(batch)
             except BaseException:
                 self._requeue(batch)
                 raise
         self._wake.clear()
 
-    async def _write_alone(self, update: TaskUpdate) -> None:
+    async def _write(self, batch: list[TaskUpdate]) -> None:
+        """Write a batch. An update the database refuses (not an outage) must not hold back
+        the others: the batch is then written one update at a time, and the refused one is
+        logged and dropped."""
         try:
-            await self._store.apply_updates([update])
+            await self._store.apply_updates(batch)
+            return
         except Unavailable:
             raise
-        except Exception:
-            log.exception(
-                "task_id=%s: the database refused this %s update; dropped", update.task_id, update.state
-            )
+        except Exception:  # noqa: BLE001 - whatever the database refused, isolate it
+            log.warning("recorder: a batch of %d was refused; writing one at a time", len(batch))
+        for update in batch:
+            try:
+                await self._store.apply_updates([update])
+            except Unavailable:
+                raise
+            except Exception:
+                log.exception(
+                    "task_id=%s: the database refused this %s update; dropped", update.task_id, update.state
+                )
 
     def _requeue(self, batch: list[TaskUpdate]) -> None:
         """Put a batch back (unless newer updates of its tasks arrived meanwhile, merged in)."""

@@ -412,14 +412,8 @@ class TaskStore:
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self._engine.begin() as conn:
-                yield conn
-        except _CONNECTION_ERRORS as exc:
-            if isinstance(exc, sa.exc.DBAPIError) and not _is_connection_error(exc):
-                raise
-            log.warning("database unreachable: %s", type(exc).__name__)
-            raise DatabaseUnavailable("the task database is unreachable; retry later") from exc
+        async with self._connection_errors(), self._engine.begin() as conn:
+            yield conn
 
     @contextlib.asynccontextmanager
     async def _one_statement(self) -> AsyncIterator[AsyncConnection]:
