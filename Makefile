@@ -32,8 +32,10 @@ lint: install
 # Benchmarks (not tests): ratios against raw send_task, a naive gateway and Flower, same run.
 bench: install
 	$(BIN)/pip install -q -e ".[dev,bench]"
+	npm install --prefix bench/node --no-audit --no-fund --loglevel=error
 	$(BIN)/python -m bench
 
 bench-quick: install
 	$(BIN)/pip install -q -e ".[dev,bench]"
+	npm install --prefix bench/node --no-audit --no-fund --loglevel=error
 	$(BIN)/python -m bench --quick

@@ -4,7 +4,7 @@
 ``watch`` opens one StreamProgress per id (spread over several channels), prints
 ``open <opened> <failed>`` once every stream has its snapshot, then reads until every
 stream ended and prints one JSON line: how many streams saw the terminal update, and the
-delay of every message that carries the writer's send time (``time.time()`` seconds in
+delay of every message that carries the writer's send time (``time.monotonic()`` seconds in
 ``progress.details.sent`` or ``result.sent``), in milliseconds.
 """
 
@@ -77,7 +77,7 @@ class Tally:
         self.first_error = self.first_error or repr(exc)[:300]
 
     def seen(self, task: pb.Task, now: float) -> None:
-        """Account for one message after the snapshot, received at ``now`` (time.time())."""
+        """Account for one message after the snapshot, received at ``now`` (time.monotonic())."""
         self.messages += 1
         if task.state in TERMINAL:
             self.terminal += 1
@@ -144,7 +144,7 @@ async def watch(target: str, ids: list[str], channels: int, opening: int, timeou
         try:
             while (message := await call.read()) is not aio.EOF:
                 assert isinstance(message, pb.StreamProgressResponse)
-                tally.seen(message.task, time.time())
+                tally.seen(message.task, time.monotonic())
         except asyncio.CancelledError:
             call.cancel()
             raise

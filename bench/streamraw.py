@@ -44,7 +44,7 @@ async def listen(url: str, pattern: str, expect: int, timeout: float) -> dict[st
             async for message in pubsub.listen():
                 if message["type"] != "pmessage":
                     continue
-                now = time.time()
+                now = time.monotonic()
                 if (stamp := _sent(json.loads(message["data"]))) is None:
                     continue
                 kind, sent = stamp

@@ -4,7 +4,7 @@ Writes task states exactly as a worker does — through the ``workers`` Celery a
 result backend (``backend.store_result``, which ``update_state`` and a task's success
 call), with the request context of a real task so the document has every extended field —
 at a steady ``rate`` per second: first one PROGRESS per task, then one SUCCESS per task.
-Each carries its send time (``time.time()``, taken just before the write) in
+Each carries its send time (``time.monotonic()``, taken just before the write) in
 ``details.sent`` (PROGRESS) or ``result.sent`` (SUCCESS). Prints one JSON line.
 """
 
@@ -52,7 +52,7 @@ def write(ids: list[str], rate: float, queue: str) -> dict[str, Any]:
             else:
                 behind = max(behind, now - due)
             request = _request(task_id, queue)
-            sent = time.time()
+            sent = time.monotonic()
             if state == PROGRESS_STATE:
                 meta: dict[str, Any] = {
                     "current": 1, "total": 2, "message": "step 1 of 2", "details": {"sent": sent},

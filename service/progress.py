@@ -117,6 +117,7 @@ class ProgressHub:
         self._on_resubscribe: list[Callable[[], None]] = []
         #: the inboxes of each watched task (a list: nearly always one)
         self._inboxes: dict[str, list[Inbox]] = {}
+        self._inbox_count = 0
         self._ready = asyncio.Event()
         self._closing = False
 
@@ -128,7 +129,7 @@ class ProgressHub:
     @property
     def watcher_count(self) -> int:
         """How many inboxes are registered (for tests and metrics)."""
-        return sum(len(boxes) for boxes in self._inboxes.values())
+        return self._inbox_count
 
     def on_resubscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after every (re)subscribe."""
@@ -213,6 +214,7 @@ class ProgressHub:
             self._inboxes[task_id] = [inbox]
         else:
             boxes.append(inbox)
+        self._inbox_count += 1
         return inbox
 
     def unregister(self, task_id: str, inbox: Inbox) -> None:
@@ -220,6 +222,7 @@ class ProgressHub:
         boxes = self._inboxes.get(task_id)
         if boxes is not None and inbox in boxes:
             boxes.remove(inbox)
+            self._inbox_count -= 1
             if not boxes:
                 del self._inboxes[task_id]
 

@@ -1,0 +1,132 @@
+// The stream benchmark's Node client: `node streamclient.js --target H:P --ids FILE [--channels N]
+// [--opening N] [--timeout S]`, the same protocol as `python -m bench.streamclient watch`.
+//
+// Opens one StreamProgress per id (spread over several channels, each its own HTTP/2
+// connection; at most `opening` streams waiting for their snapshot at a time), prints
+// `open <opened> <failed>` once every stream has its snapshot, reads until every stream ended
+// and prints one JSON line: how many streams saw the terminal update, and the delay of every
+// message that carries the writer's send time (CLOCK_MONOTONIC seconds in
+// `progress.details.sent` or `result.sent`), in milliseconds. process.hrtime reads
+// CLOCK_MONOTONIC, the clock of Python's time.monotonic() in the writer.
+"use strict";
+
+const fs = require("fs");
+const path = require("path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const ROOT = path.join(__dirname, "..", "..", "proto");
+const definition = protoLoader.loadSync(path.join(ROOT, "taskgate", "v1", "task_service.proto"), {
+  keepCase: true,
+  enums: String,
+  longs: Number,
+  defaults: false,
+  oneofs: true,
+  includeDirs: [ROOT],
+});
+const { TaskService } = grpc.loadPackageDefinition(definition).taskgate.v1;
+const TERMINAL = new Set(["TASK_STATE_SUCCEEDED", "TASK_STATE_FAILED", "TASK_STATE_CANCELLED"]);
+
+function options(argv) {
+  const parsed = { channels: 4, opening: 200, timeout: 600 };
+  for (let i = 0; i < argv.length; i += 2) parsed[argv[i].replace(/^--/, "")] = argv[i + 1];
+  if (!parsed.target || !parsed.ids) throw new Error("usage: streamclient.js --target H:P --ids FILE");
+  return parsed;
+}
+
+const monotonic = () => Number(process.hrtime.bigint()) / 1e9;
+
+// The writer's send time in a message, or undefined (well-known types keep camelCase names).
+function sentOf(task) {
+  const fields = TERMINAL.has(task.state)
+    ? task.result && task.result.structValue && task.result.structValue.fields
+    : task.progress && task.progress.details && task.progress.details.fields;
+  return fields && fields.sent ? fields.sent.numberValue : undefined;
+}
+
+function main() {
+  const args = options(process.argv.slice(2));
+  const ids = fs.readFileSync(args.ids, "utf8").split(/\s+/).filter(Boolean);
+  const clients = [];
+  for (let i = 0; i < Number(args.channels); i++) {
+    // a pool of its own per channel: one HTTP/2 connection each
+    clients.push(new TaskService(args.target, grpc.credentials.createInsecure(), {
+      "grpc.use_local_subchannel_pool": 1,
+    }));
+  }
+  const tally = { opened: 0, failed: 0, terminal: 0, messages: 0, errors: 0, first_error: "",
+                  progress_ms: [], success_ms: [] };
+  let waiting = 0; // streams started and still without their snapshot
+  let next = 0; // the next id to open
+  let ended = 0;
+  let announced = false;
+
+  const error = (err) => {
+    tally.errors += 1;
+    tally.first_error = tally.first_error || String(err.details || err.message).slice(0, 300);
+  };
+  const finish = () => {
+    process.stdout.write(JSON.stringify(tally) + "\n", () => process.exit(0));
+  };
+  const oneEnded = () => {
+    ended += 1;
+    if (ended === ids.length) finish();
+  };
+  const maybeAnnounce = () => {
+    if (!announced && tally.opened + tally.failed === ids.length) {
+      announced = true;
+      process.stdout.write(`open ${tally.opened} ${tally.failed}\n`);
+    }
+  };
+
+  const open = () => {
+    while (waiting < Number(args.opening) && next < ids.length) {
+      const index = next++;
+      waiting += 1;
+      let first = true;
+      const stream = clients[index % clients.length].StreamProgress({ task_id: ids[index] });
+      stream.on("data", ({ task }) => {
+        if (first) {
+          first = false;
+          waiting -= 1;
+          tally.opened += 1;
+          maybeAnnounce();
+          setImmediate(open);
+          return;
+        }
+        const now = monotonic();
+        tally.messages += 1;
+        const sent = sentOf(task);
+        const terminal = TERMINAL.has(task.state);
+        if (terminal) tally.terminal += 1;
+        if (sent !== undefined) {
+          (terminal ? tally.success_ms : tally.progress_ms).push(Math.round((now - sent) * 1e6) / 1e3);
+        }
+      });
+      stream.on("error", (err) => {
+        if (first) {
+          first = false;
+          waiting -= 1;
+          tally.failed += 1;
+          maybeAnnounce();
+          setImmediate(open);
+        }
+        error(err);
+      });
+      stream.on("status", oneEnded); // once per call, whatever its outcome
+    }
+  };
+
+  if (ids.length === 0) {
+    process.stdout.write("open 0 0\n");
+    finish();
+    return;
+  }
+  setTimeout(() => {
+    tally.first_error = tally.first_error || "timed out before every stream ended";
+    finish();
+  }, Number(args.timeout) * 1000).unref();
+  open();
+}
+
+main();
