@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -16,6 +16,7 @@ from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_upda
 from service.errors import (
     InvalidRequest,
     InvalidTasks,
+    LimitExceeded,
     PermissionDenied,
     ShuttingDown,
     TaskNotFound,
@@ -208,21 +209,29 @@ class Gateway:
         record = await self._refresh(record)
         return record.as_of(dt.datetime.now(dt.UTC))
 
-    async def watch(self, task_id: str, caller: Caller = OPEN) -> AsyncIterator[TaskRecord]:
-        """The task's current snapshot, then each change, ending after a terminal state.
+    async def watch(
+        self, task_id: str, caller: Caller = OPEN, *, lifetime: float | None = None
+    ) -> AsyncGenerator[TaskRecord, None]:
+        """The task's current snapshot, then each change, ending after a terminal state or
+        ``lifetime`` seconds (None: no limit).
 
         While the hub's subscription is up every change reaches the stream through it, so a
         quiet stream neither wakes nor reads anything (except to turn SCHEDULED into QUEUED
         when due). While it is down (the hub sends PAUSED) the stream re-reads the task every
         ``watch_recheck`` seconds; the re-subscribe sends RESYNC, which re-reads it once more.
+        The lifetime is one timer per stream that posts EXPIRED to its inbox, not a timeout
+        around every wait: a wait then costs no timer of its own.
 
         Raises:
             TaskNotFound: no such task was enqueued here, or ``caller`` may not read it.
             ShuttingDown: the server is stopping.
+            LimitExceeded: the lifetime is over.
         """
         record = await self._load(task_id, caller)
         hub = self._hub
         inbox = hub.register(task_id)
+        loop = asyncio.get_running_loop()
+        expiry = None if lifetime is None else loop.call_later(lifetime, inbox.put, Signal.EXPIRED)
         try:
             # registered before the snapshot is read: nothing can fall in between
             record = await self._refresh(record)
@@ -232,6 +241,10 @@ class Gateway:
                 item = await inbox.get(timeout=self._wait_time(last))
                 if item is Signal.SHUTDOWN:
                     raise ShuttingDown("the server is shutting down; call StreamProgress again")
+                if item is Signal.EXPIRED:
+                    raise LimitExceeded(
+                        f"stream lifetime limit ({lifetime:g} s) reached; call StreamProgress again"
+                    )
                 if item is Signal.RESYNC or (item is None and not hub.ready):
                     record = await self._reload(record)
                 elif item is not None and not isinstance(item, Signal):
@@ -242,6 +255,8 @@ class Gateway:
                     yield current
                     last = current
         finally:
+            if expiry is not None:
+                expiry.cancel()
             hub.unregister(task_id, inbox)
 
     def _wait_time(self, record: TaskRecord) -> float | None:

@@ -40,6 +40,7 @@ class Signal(enum.Enum):
     RESYNC = "resync"  # the subscription was (re)established: re-read the task
     PAUSED = "paused"  # the subscription is lost: poll the task until the next RESYNC
     SHUTDOWN = "shutdown"  # the server is stopping: end the stream
+    EXPIRED = "expired"  # the stream's lifetime is over: end it
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -48,8 +49,8 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class Inbox:
-    """A stream's mailbox. Bounded: when full the oldest item goes (every update carries
-    the whole state, so the newest is all a slow reader needs).
+    """A stream's mailbox. Bounded: when full the oldest update goes (every update carries
+    the whole state, so the newest is all a slow reader needs); signals are kept.
 
     Kept small, as there is one per open stream: a list, and a future only while the
     stream waits (woken by ``put`` or by a timer, never by cancelling anything).
@@ -64,9 +65,11 @@ class Inbox:
 
     def put(self, item: TaskUpdate | Signal) -> None:
         """Add an item; never blocks."""
-        if len(self._items) >= self._size:
-            del self._items[0]
-        self._items.append(item)
+        items = self._items
+        if len(items) >= self._size:
+            oldest = next((i for i, old in enumerate(items) if not isinstance(old, Signal)), 0)
+            del items[oldest]
+        items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

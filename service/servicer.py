@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -15,7 +15,7 @@ from grpc import aio
 from service import convert
 from service.auth import Authenticator
 from service.domain import TaskSpec
-from service.errors import InvalidRequest, LimitExceeded, TaskgateError, grpc_errors
+from service.errors import InvalidRequest, TaskgateError, grpc_errors
 from service.gateway import Accepted, Gateway
 from service.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
 from taskgate.v1 import task_service_pb2 as pb
@@ -153,31 +153,15 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     async def StreamProgress(  # noqa: N802
         self, request: pb.StreamProgressRequest, context: Context
     ) -> AsyncIterator[pb.StreamProgressResponse]:
-        """The gateway's watch, ended with LimitExceeded once the stream lifetime is over.
+        """The gateway's watch (which ends with LimitExceeded once the stream lifetime is over).
 
-        Only the wait for the next record runs under the lifetime's time-out, so it cancels
-        the gateway's generator (which releases its hub inbox), never grpc's own write.
-        ``asyncio.timeout_at`` rather than ``asyncio.wait_for``: no extra task per step
-        (one stream is one task, whatever it waits for).
+        ``aclosing``: when grpc cancels the call (the client went away) the watch is closed
+        at once, releasing its hub inbox.
         """
         caller = self._auth.caller_of(context)
         task_id = convert.task_id_of(request)
-        lifetime = self._limits.stream_lifetime
         with self._streams.hold(caller):
-            deadline = asyncio.get_running_loop().time() + lifetime
-            records = self._gateway.watch(task_id, caller)
-            try:
-                while True:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            record = await anext(records)
-                    except StopAsyncIteration:
-                        return
-                    except TimeoutError:
-                        raise LimitExceeded(
-                            f"stream lifetime limit ({lifetime:g} s) reached; call StreamProgress again"
-                        ) from None
+            watch = self._gateway.watch(task_id, caller, lifetime=self._limits.stream_lifetime)
+            async with contextlib.aclosing(watch) as records:
+                async for record in records:
                     yield pb.StreamProgressResponse(task=convert.task_to_proto(record))
-            finally:
-                if isinstance(records, AsyncGenerator):
-                    await records.aclose()

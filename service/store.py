@@ -10,7 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +133,7 @@ def _delivery(row: RowMapping) -> Delivery:
     )
 
 
-def _record(row: RowMapping) -> TaskRecord:
+def _record(row: Mapping[Any, Any]) -> TaskRecord:
     progress = row["progress"]
     error = row["error"]
     return TaskRecord(
@@ -183,6 +183,8 @@ def _update_values(update: TaskUpdate) -> dict[str, Any]:
         )
     return values
 
+
+_SELECT_ONE = f"SELECT {', '.join(tasks.c.keys())} FROM tasks WHERE task_id = $1"
 
 _UNNEST_UPDATE = f"""
 UPDATE tasks AS t SET
@@ -578,9 +580,19 @@ class TaskStore:
         return _record(row)
 
     async def get(self, task_id: str) -> TaskRecord | None:
-        """The task with this id, or None."""
-        async with self._begin() as conn:
-            row = (await conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id))).mappings().first()
+        """The task with this id, or None.
+
+        On PostgreSQL one self-committing statement on the driver (one round trip, not
+        BEGIN, SELECT, COMMIT: every GetStatus and every stream opened reads a task).
+        """
+        row: Mapping[Any, Any] | None
+        if self._engine.dialect.name == "postgresql":
+            async with self._one_statement() as conn:
+                row = await _driver_fetchrow(conn, _SELECT_ONE, task_id)
+        else:
+            async with self._begin() as conn:
+                query = sa.select(tasks).where(tasks.c.task_id == task_id)
+                row = (await conn.execute(query)).mappings().first()
         return None if row is None else _record(row)
 
     async def apply_updates(self, updates: Iterable[TaskUpdate]) -> int:
@@ -683,6 +695,14 @@ async def _driver_execute(conn: AsyncConnection, statement: str, *args: Any) -> 
     """Run ``statement`` on the asyncpg connection under ``conn`` (see ``_on_driver``)."""
     status: str = await _on_driver(conn, statement, lambda driver: driver.execute(statement, *args))
     return status
+
+
+async def _driver_fetchrow(conn: AsyncConnection, statement: str, *args: Any) -> Mapping[Any, Any] | None:
+    """The first row of ``statement`` on the asyncpg connection under ``conn``, or None."""
+    row: Mapping[Any, Any] | None = await _on_driver(
+        conn, statement, lambda driver: driver.fetchrow(statement, *args)
+    )
+    return row
 
 
 async def _on_driver(conn: AsyncConnection, what: str, call: Callable[[Any], Awaitable[Any]]) -> Any:

@@ -32,6 +32,22 @@ async def test_a_full_inbox_drops_the_oldest() -> None:
     assert [(await inbox.get(1.0)) for _ in range(2)] == [update(1), update(2)]
 
 
+async def test_a_full_inbox_keeps_its_signals() -> None:
+    # an EXPIRED or SHUTDOWN behind a burst of updates must still end the stream
+    inbox = Inbox(size=3)
+    inbox.put(Signal.EXPIRED)
+    for n in range(4):
+        inbox.put(update(n))
+    assert [(await inbox.get(1.0)) for _ in range(3)] == [Signal.EXPIRED, update(2), update(3)]
+
+
+async def test_an_inbox_full_of_signals_drops_the_oldest() -> None:
+    inbox = Inbox(size=2)
+    for signal in (Signal.PAUSED, Signal.RESYNC, Signal.SHUTDOWN):
+        inbox.put(signal)
+    assert [(await inbox.get(1.0)) for _ in range(2)] == [Signal.RESYNC, Signal.SHUTDOWN]
+
+
 async def test_get_times_out_with_none() -> None:
     assert await Inbox().get(0.01) is None
 
