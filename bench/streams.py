@@ -59,6 +59,7 @@ MAX_DELAY_RATIO = 2.0
 Client = Literal["node", "python"]
 #: The client of each run, in order; the delay target is judged on the first.
 CLIENTS: tuple[Client, ...] = ("node", "python")
+NODE_FLAGS: list[str] = []
 NODE_CLIENT = Path(__file__).parent / "node" / "streamclient.js"
 CLIENT_LABEL = {"node": "Node @grpc/grpc-js", "python": "Python grpc.aio"}
 
@@ -115,6 +116,8 @@ class Outcome:
     writer: dict[str, Any] = field(default_factory=dict)
     taskgate_ms: dict[str, list[float]] = field(default_factory=dict)
     raw_ms: dict[str, list[float]] = field(default_factory=dict)
+    #: the clients' own garbage-collection pauses while updates arrived (Node clients only)
+    client_gc_ms: list[float] = field(default_factory=list)
     stalls_open: Stalls | None = None
     stalls_updates: Stalls | None = None
 
@@ -146,7 +149,7 @@ def _client_command(client: Client, server: Server, ids_file: Path, n: int) -> l
         "--timeout", str(2 * n / RATE + 300),
     ]  # fmt: skip
     if client == "node":
-        return [_node(), str(NODE_CLIENT), *options]
+        return [_node(), *NODE_FLAGS, str(NODE_CLIENT), *options]
     return [sys.executable, "-m", "bench.streamclient", "watch", *options]
 
 
@@ -267,6 +270,7 @@ def measure(n: int, client: Client, children: Children, redis: PrivateRedis, db:
             outcome.first_error = outcome.first_error or tally["first_error"]
             for kind in ("progress", "success"):
                 outcome.taskgate_ms.setdefault(kind, []).extend(tally[f"{kind}_ms"])
+            outcome.client_gc_ms.extend(tally.get("gc_pauses_ms", []))
         outcome.stalls_updates = stall_report(server)
         outcome.cpu_updates_s = cpu_seconds(server.pid) - cpu_idle
         outcome.raw_ms = _finish(children, raw, timeout=60)
@@ -337,6 +341,10 @@ def report(o: Outcome, *, delay_target: bool = True) -> str:
         lines.append(f"{label:<26} {len(values):>6} {p50:>8.2f} {p99:>8.2f} {top:>8.2f}")
     tg_p99, raw_p99 = _summary(tg_all)[1], _summary(raw_all)[1]
     ratio = tg_p99 / raw_p99 if raw_p99 > 0 else float("nan")
+    if o.client_gc_ms:
+        lines.append(
+            f"{'(client GC pauses)':<26} {len(o.client_gc_ms):>6} {'':>8} {'':>8} {max(o.client_gc_ms):>8.2f}"
+        )
     lines += [
         f"p99 taskgate / raw      : {ratio:.2f}x",
         "",
