@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from bench.drive import LoadResult
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
+from bench.nodejs import node_command
 from bench.plan import Plan
 from bench.servers import Server, broker_env
 from bench.stalls import Stalls, stall_report
@@ -48,6 +49,22 @@ class System:
 
 
 def grpc_command(server: Server, channels: int) -> Callable[[int, float, float], list[str]]:
+    """The gRPC load generator in Node (``bench/node/loadgen.js``): it shares the two cores
+    with the server it measures, and costs a fraction of the CPU per call of grpc.aio's
+    client (``python -m bench.loadgen``, which the batch and scale-out sections use)."""
+
+    def command(concurrency: int, warmup: float, duration: float) -> list[str]:
+        return node_command(
+            "loadgen.js", "--target", server.target, "--concurrency", str(concurrency),
+            "--warmup", str(warmup), "--duration", str(duration), "--channels", str(channels),
+        )  # fmt: skip
+
+    return command
+
+
+def python_grpc_command(server: Server, channels: int) -> Callable[[int, float, float], list[str]]:
+    """The gRPC load generator in Python (``python -m bench.loadgen``, grpc.aio)."""
+
     def command(concurrency: int, warmup: float, duration: float) -> list[str]:
         return [
             sys.executable, "-m", "bench.loadgen", "--target", server.target, "--method", "enqueue",
@@ -82,6 +99,8 @@ def contenders(
         System("naive", "(b) naive gateway", naive, grpc_command(naive, plan.channels), client_env),
         System("raw", "(c) raw send_task, 1 thread", None, raw_command, broker_env(redis.url), latency=False),
         System("flower", "(d) Flower async-apply", flower, http_command(flower), client_env),
+        System("taskgate-py", "(e) (a), grpc.aio load generator", taskgate,
+               python_grpc_command(taskgate, plan.channels), client_env, pg=db, latency=False),
     ]  # fmt: skip
 
 
@@ -256,6 +275,9 @@ def report(plan: Plan, systems: list[System]) -> str:
         "PostgreSQL backends of the bench database; redis = the private redis-server; client = cores the",
         "load generator used (near 1.0 means the client, not the server, may be the limit).",
         f"(c) has 1 call in flight by design: one send_task takes p50 {summaries['raw'].single_p50:.2f} ms.",
+        "(a) and (b) are driven by a Node load generator (bench/node/loadgen.js, @grpc/grpc-js), (d) by",
+        "an HTTP one in Python; (e) is the gateway of (a) driven by Python's grpc.aio client",
+        "(bench/loadgen.py), throughput only: its callers cost the gateway more CPU per call.",
         "",
     ]
     tg, naive, flower = summaries["taskgate"], summaries["naive"], summaries["flower"]
@@ -265,6 +287,10 @@ def report(plan: Plan, systems: list[System]) -> str:
         f"{_ratio(tg.p99, flower.p99):>9}",
         f"{'taskgate / naive':<22} {_ratio(tg.rate, naive.rate):>9} {_ratio(tg.p50, naive.p50):>9} "
         f"{_ratio(tg.p99, naive.p99):>9}",
+    ]
+    if (tg_py := summaries.get("taskgate-py")) is not None:
+        lines.append(f"{'(e) / Flower':<22} {_ratio(tg_py.rate, flower.rate):>9}   (reported, not a target)")
+    lines += [
         "",
         "## 2. Cost of the outbox against publishing directly — (a) taskgate vs (b) naive gateway",
         "",

@@ -28,7 +28,6 @@ so a burst of thousands of calls started at once would measure that instead.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any, Literal
 
 from bench.drive import percentile
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
+from bench.nodejs import node_command
 from bench.plan import Plan
 from bench.procstat import redis_clients_by_port, rss_kb, tcp_connections
 from bench.servers import Server, broker_env, start_taskgate
@@ -59,8 +59,6 @@ MAX_DELAY_RATIO = 2.0
 Client = Literal["node", "python"]
 #: The client of each run, in order; the delay target is judged on the first.
 CLIENTS: tuple[Client, ...] = ("node", "python")
-NODE_FLAGS: list[str] = []
-NODE_CLIENT = Path(__file__).parent / "node" / "streamclient.js"
 CLIENT_LABEL = {"node": "Node @grpc/grpc-js", "python": "Python grpc.aio"}
 
 
@@ -132,24 +130,13 @@ def _enqueue(children: Children, server: Server, n: int, work: Path) -> list[str
     return ids_file.read_text().split()
 
 
-def _node() -> str:
-    """The ``node`` executable, once the Node client's packages are installed."""
-    node = shutil.which("node")
-    if node is None or not (NODE_CLIENT.parent / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        raise RuntimeError(
-            "the stream benchmark's Node client needs node and `npm install --prefix bench/node` "
-            "(`make bench` runs it)"
-        )
-    return node
-
-
 def _client_command(client: Client, server: Server, ids_file: Path, n: int) -> list[str]:
     options = [
         "--target", server.target, "--ids", str(ids_file), "--channels", str(CHANNELS_PER_CLIENT),
         "--timeout", str(2 * n / RATE + 300),
     ]  # fmt: skip
     if client == "node":
-        return [_node(), *NODE_FLAGS, str(NODE_CLIENT), *options]
+        return node_command("streamclient.js", *options)
     return [sys.executable, "-m", "bench.streamclient", "watch", *options]
 
 
@@ -202,7 +189,7 @@ def _open_streams(
 def run_streams(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
     """Open ``plan.streams`` streams on one gateway, push two updates through each, report;
     once with each client in ``CLIENTS``."""
-    _node()  # before anything starts: a missing Node client stops the section at once
+    node_command("streamclient.js")  # before anything starts: without Node the section stops at once
     reports = [
         report(measure(plan.streams, client, children, redis, db), delay_target=i == 0)
         for i, client in enumerate(CLIENTS)
