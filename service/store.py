@@ -186,6 +186,11 @@ def _update_values(update: TaskUpdate) -> dict[str, Any]:
 
 _SELECT_ONE = f"SELECT {', '.join(tasks.c.keys())} FROM tasks WHERE task_id = $1"
 
+_MARK_PUBLISHED = """
+UPDATE tasks SET publish_after = NULL, publish_time = coalesce(publish_time, $2)
+WHERE task_id IN (SELECT task_id FROM tasks WHERE task_id = ANY($1::varchar[]) ORDER BY task_id FOR UPDATE)
+"""
+
 _UNNEST_UPDATE = f"""
 UPDATE tasks AS t SET
     state = u.state,
@@ -649,8 +654,17 @@ class TaskStore:
         return [_delivery(row) for row in rows]
 
     async def mark_published(self, task_ids: Sequence[str], now: dt.datetime) -> None:
-        """Clear the outbox mark of tasks the broker accepted."""
+        """Clear the outbox mark of tasks the broker accepted.
+
+        On PostgreSQL one self-committing statement on the driver, the ids as one array:
+        SQLAlchemy's expanding ``IN`` rewrote the statement for every one of up to 500 ids,
+        holding the event loop about 8 ms per mark.
+        """
         if not task_ids:
+            return
+        if self._engine.dialect.name == "postgresql":
+            async with self._one_statement() as conn:
+                await _driver_execute(conn, _MARK_PUBLISHED, list(task_ids), now)
             return
         async with self._begin() as conn:
             await conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import grpc
@@ -163,3 +164,20 @@ async def test_enqueue_at_refuses_missing_or_too_distant_run_time(
         await stub.EnqueueAt(request_)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in (caught.value.details() or "")
+
+
+async def test_a_published_task_loses_its_mark(runtime: Runtime, stub: pb_grpc.TaskServiceStub) -> None:
+    # the fast path marks published rows in one statement every 0.1 s (store.mark_published)
+    task_ids = [await enqueue(stub, "demo.add", n, 1) for n in range(3)]
+    query = sa.select(tasks.c.task_id, tasks.c.publish_after, tasks.c.publish_time).where(
+        tasks.c.task_id.in_(task_ids)
+    )
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=10)
+    while True:
+        async with runtime.store.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if all(row.publish_after is None and row.publish_time is not None for row in rows):
+            break
+        assert dt.datetime.now(dt.UTC) < deadline, f"still marked for publishing: {rows}"
+        await asyncio.sleep(0.05)
+    assert len(rows) == 3
