@@ -49,9 +49,9 @@ class System:
 
 
 def grpc_command(server: Server, channels: int) -> Callable[[int, float, float], list[str]]:
-    """The gRPC load generator in Node (``bench/node/loadgen.js``): it shares the two cores
-    with the server it measures, and costs a fraction of the CPU per call of grpc.aio's
-    client (``python -m bench.loadgen``, which the batch and scale-out sections use)."""
+    """The gRPC load generator in Node (``bench/node/loadgen.js``, @grpc/grpc-js). The same
+    gateway costs less CPU per call from it than from grpc.aio's client (``python -m
+    bench.loadgen``, run beside it as system (e), and by the batch and scale-out sections)."""
 
     def command(concurrency: int, warmup: float, duration: float) -> list[str]:
         return node_command(

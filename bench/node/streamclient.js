@@ -11,26 +11,12 @@
 "use strict";
 
 const fs = require("fs");
-const path = require("path");
 const { PerformanceObserver } = require("perf_hooks");
-const grpc = require("@grpc/grpc-js");
-const protoLoader = require("@grpc/proto-loader");
-
-const ROOT = path.join(__dirname, "..", "..", "proto");
-const definition = protoLoader.loadSync(path.join(ROOT, "taskgate", "v1", "task_service.proto"), {
-  keepCase: true,
-  enums: String,
-  longs: Number,
-  defaults: false,
-  oneofs: true,
-  includeDirs: [ROOT],
-});
-const { TaskService } = grpc.loadPackageDefinition(definition).taskgate.v1;
+const { clients: connect, options: parse } = require("./taskgate");
 const TERMINAL = new Set(["TASK_STATE_SUCCEEDED", "TASK_STATE_FAILED", "TASK_STATE_CANCELLED"]);
 
 function options(argv) {
-  const parsed = { channels: 4, opening: 200, timeout: 600 };
-  for (let i = 0; i < argv.length; i += 2) parsed[argv[i].replace(/^--/, "")] = argv[i + 1];
+  const parsed = parse(argv, { channels: 4, opening: 200, timeout: 600 });
   if (!parsed.target || !parsed.ids) throw new Error("usage: streamclient.js --target H:P --ids FILE");
   return parsed;
 }
@@ -48,13 +34,7 @@ function sentOf(task) {
 function main() {
   const args = options(process.argv.slice(2));
   const ids = fs.readFileSync(args.ids, "utf8").split(/\s+/).filter(Boolean);
-  const clients = [];
-  for (let i = 0; i < Number(args.channels); i++) {
-    // a pool of its own per channel: one HTTP/2 connection each
-    clients.push(new TaskService(args.target, grpc.credentials.createInsecure(), {
-      "grpc.use_local_subchannel_pool": 1,
-    }));
-  }
+  const clients = connect(args.target, Number(args.channels));
   const tally = { opened: 0, failed: 0, terminal: 0, messages: 0, errors: 0, first_error: "",
                   progress_ms: [], success_ms: [], gc_pauses_ms: [] };
   // delays go to typed arrays: no heap object per message for the collector to copy
@@ -97,14 +77,18 @@ function main() {
       const index = next++;
       waiting += 1;
       let first = true;
+      // the stream's first message (its snapshot) or its failure frees a place to open another
+      const settled = (outcome) => {
+        first = false;
+        waiting -= 1;
+        tally[outcome] += 1;
+        maybeAnnounce();
+        setImmediate(open);
+      };
       const stream = clients[index % clients.length].StreamProgress({ task_id: ids[index] });
       stream.on("data", ({ task }) => {
         if (first) {
-          first = false;
-          waiting -= 1;
-          tally.opened += 1;
-          maybeAnnounce();
-          setImmediate(open);
+          settled("opened");
           return;
         }
         const now = monotonic();
@@ -116,13 +100,7 @@ function main() {
         if (sent !== undefined && counts[kind] < ids.length) delays[kind][counts[kind]++] = (now - sent) * 1e3;
       });
       stream.on("error", (err) => {
-        if (first) {
-          first = false;
-          waiting -= 1;
-          tally.failed += 1;
-          maybeAnnounce();
-          setImmediate(open);
-        }
+        if (first) settled("failed");
         error(err);
       });
       stream.on("status", oneEnded); // once per call, whatever its outcome
