@@ -24,7 +24,7 @@ The ``managed`` policy keeps those passes out of the loop's way:
   so the count stays low while the young generation grows. Left to CPython, a young
   collection came every second or two and walked 40,000 objects, stopping the loop
   8-20 ms at 1,000 updates/s over 10,000 streams; every quarter second it walks a few
-  thousand, under a millisecond;
+  thousand (the longest seen since: under 5 ms);
 - what stays behind is *cyclic* garbage among old objects. A finished stream leaves almost
   none (measured: under 0.1 objects per finished stream), so a *reclaim*
   (``gc.unfreeze()``, a full collection, ``gc.freeze()``) runs rarely: when no stream is
