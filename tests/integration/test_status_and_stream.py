@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.domain import TaskState, TaskUpdate
 from service.progress import CLIENT_NAME
+from service.recorder import RECONCILE_CHUNK
 from service.server import Runtime
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
@@ -235,3 +236,25 @@ async def test_an_update_the_database_refuses_does_not_hold_back_the_others(
     assert stored_good is not None and stored_good.state is TaskState.RUNNING
     assert stored_bad is not None and stored_bad.state is TaskState.SCHEDULED
     assert any(bad in record.getMessage() and "dropped" in record.getMessage() for record in caplog.records)
+
+
+async def test_reconcile_reads_every_chunk(
+    stub: pb_grpc.TaskServiceStub, runtime: Runtime, redis_client: redis.Redis
+) -> None:
+    # states stored in Redis but never published (a missed message): only a reconcile pass
+    # finds them, reading RECONCILE_CHUNK of them per MGET
+    count = RECONCILE_CHUNK + RECONCILE_CHUNK // 2
+    request = pb.EnqueueRequest(task_name="demo.add", args=args(1, 2), queue="nobody-listens")
+    task_ids = [(await stub.Enqueue(request)).task_id for _ in range(count)]
+    deadline = time.monotonic() + 10
+    while set(task_ids) - set(await runtime.store.active_ids(100_000)):  # published and marked
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    for task_id in task_ids:
+        document = json.dumps({"status": "SUCCESS", "result": 3, "task_id": task_id})
+        redis_client.set(f"{runtime.settings.task_meta_prefix}{task_id}", document)
+    assert await runtime.recorder.reconcile(runtime.hub, limit=100_000) >= count
+    await runtime.recorder.flush()
+    for task_id in task_ids:
+        record = await runtime.store.get(task_id)
+        assert record is not None and record.state is TaskState.SUCCEEDED and record.result == 3
