@@ -11,8 +11,8 @@ from pathlib import Path
 NODE_DIR = Path(__file__).parent / "node"
 
 
-def node_command(script: str, *args: str) -> list[str]:
-    """``node bench/node/<script> <args>``.
+def require_node() -> str:
+    """The ``node`` executable, once the Node packages are installed.
 
     Raises:
         RuntimeError: node, or the Node packages, are not installed.
@@ -23,4 +23,9 @@ def node_command(script: str, *args: str) -> list[str]:
             "the benchmark's Node programs need node and `npm install --prefix bench/node` "
             "(`make bench` runs it)"
         )
-    return [node, str(NODE_DIR / script), *args]
+    return node
+
+
+def node_command(script: str, *args: str) -> list[str]:
+    """``node bench/node/<script> <args>`` (raises as ``require_node``)."""
+    return [require_node(), str(NODE_DIR / script), *args]

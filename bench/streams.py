@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from bench.drive import percentile
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
-from bench.nodejs import node_command
+from bench.nodejs import node_command, require_node
 from bench.plan import Plan
 from bench.procstat import redis_clients_by_port, rss_kb, tcp_connections
 from bench.servers import Server, broker_env, start_taskgate
@@ -189,7 +189,7 @@ def _open_streams(
 def run_streams(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
     """Open ``plan.streams`` streams on one gateway, push two updates through each, report;
     once with each client in ``CLIENTS``."""
-    node_command("streamclient.js")  # before anything starts: without Node the section stops at once
+    require_node()  # before anything starts: without Node the section stops at once
     reports = [
         report(measure(plan.streams, client, children, redis, db), delay_target=i == 0)
         for i, client in enumerate(CLIENTS)

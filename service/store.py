@@ -228,6 +228,19 @@ def _locked_in_order(task_ids: Sequence[str]) -> sa.Select[tuple[str]]:
     )
 
 
+def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of ``width`` values as ``width`` column lists (the arrays of an ``unnest``)."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for values, value in zip(columns, row, strict=True):
+            values.append(value)
+    return columns
+
+
+#: Values per row of ``_update_row`` (the arrays of ``_UNNEST_UPDATE``).
+_UPDATE_WIDTH = 9
+
+
 def _update_row(update: TaskUpdate) -> tuple[Any, ...]:
     """One update in ``_UNNEST_UPDATE``'s column order; mirrors ``_update_values``."""
     terminal = update.state.terminal
@@ -385,6 +398,9 @@ class TaskStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        #: PostgreSQL takes the driver-level statements; any other database (SQLite for
+        #: ``taskgate dev``) SQLAlchemy's portable ones
+        self._postgres = engine.dialect.name == "postgresql"
         self._group_insert: GroupCommit[NewTask] = GroupCommit(self._insert_many)
         #: the group commit's own connection (PostgreSQL), kept across flushes: one flush
         #: runs at a time, and a pool checkout per flush costs more than the INSERT's Python
@@ -427,7 +443,7 @@ class TaskStore:
         """A connection for one raw statement: on PostgreSQL outside any transaction (the
         statement commits by itself: one round trip instead of BEGIN, statement, COMMIT);
         elsewhere a transaction as ``_begin``."""
-        if self._engine.dialect.name != "postgresql":
+        if not self._postgres:
             async with self._begin() as conn:
                 yield conn
             return
@@ -533,7 +549,7 @@ class TaskStore:
 
     async def _insert_many(self, news: Sequence[NewTask]) -> None:
         """One INSERT for many rows, atomic by itself (the group commit's flush)."""
-        if self._engine.dialect.name != "postgresql":
+        if not self._postgres:
             async with self._begin() as conn:
                 await self._insert_rows(conn, news)
             return
@@ -554,7 +570,7 @@ class TaskStore:
         PostgreSQL one ``unnest`` statement with one array per column (asyncpg encodes them in
         C), or binary COPY from ``COPY_FROM`` rows on; elsewhere executemany. Either way one
         statement: all rows or none."""
-        if conn.dialect.name != "postgresql":
+        if not self._postgres:
             await conn.execute(tasks.insert(), [_row(new) for new in news])
             return
         if len(news) >= COPY_FROM:
@@ -565,10 +581,7 @@ class TaskStore:
                 lambda driver: driver.copy_records_to_table("tasks", records=records, columns=_INSERT_NAMES),
             )
             return
-        columns: list[list[Any]] = [[] for _ in _INSERT_COLUMNS]
-        for new in news:
-            for values, value in zip(columns, _row_values(new), strict=True):
-                values.append(value)
+        columns = _columns((_row_values(new) for new in news), len(_INSERT_COLUMNS))
         await _driver_execute(conn, _UNNEST_INSERT, *columns)
 
     async def _by_request_id(self, conn: AsyncConnection, caller: str, request_id: str) -> RowMapping | None:
@@ -591,7 +604,7 @@ class TaskStore:
         BEGIN, SELECT, COMMIT: every GetStatus and every stream opened reads a task).
         """
         row: Mapping[Any, Any] | None
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             async with self._one_statement() as conn:
                 row = await _driver_fetchrow(conn, _SELECT_ONE, task_id)
         else:
@@ -609,11 +622,8 @@ class TaskStore:
         updates = list(updates)
         if not updates:
             return 0
-        if self._engine.dialect.name == "postgresql":
-            columns: list[list[Any]] = [[] for _ in range(9)]
-            for update in updates:
-                for values, value in zip(columns, _update_row(update), strict=True):
-                    values.append(value)
+        if self._postgres:
+            columns = _columns((_update_row(update) for update in updates), _UPDATE_WIDTH)
             async with self._one_statement() as conn:  # one statement: atomic by itself
                 status = await _driver_execute(conn, _UNNEST_UPDATE, *columns)
             return int(status.rsplit(" ", 1)[-1])
@@ -662,7 +672,7 @@ class TaskStore:
         """
         if not task_ids:
             return
-        if self._engine.dialect.name == "postgresql":
+        if self._postgres:
             async with self._one_statement() as conn:
                 await _driver_execute(conn, _MARK_PUBLISHED, list(task_ids), now)
             return
