@@ -23,8 +23,8 @@ from bench.drive import LoadResult, percentile
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, python_env
 from bench.plan import Plan
 from bench.servers import start_taskgate
-from service.gateway import DISPATCH_LEAD
-from service.store import tasks
+from service.store.tasks import tasks
+from service.usecases.tasks import DISPATCH_LEAD
 
 #: TASKGATE_SCHEDULE_HORIZON of the measured gateway, in seconds.
 HORIZON = 30.0

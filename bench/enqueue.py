@@ -318,7 +318,7 @@ def report(plan: Plan, systems: list[System]) -> str:
         lines += [
             "",
             f"taskgate event-loop stalls, worst of its {len(systems[0].stalls)} runs: {worst.text()}",
-            "(how late a 5 ms timer fires in the gateway: service/loopwatch.py, read with SIGUSR1)",
+            "(how late a 5 ms timer fires in the gateway: service/runtime/loopwatch.py, read with SIGUSR1)",
         ]
     lines += ["", "## Targets (issue: fast), from the medians above", ""]
     for label, value, target, ambition, higher in (

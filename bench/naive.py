@@ -16,11 +16,11 @@ import grpc
 from celery import Celery
 from grpc import aio
 
-from service import convert
-from service.dispatch import send_only_app
+from service.api import convert
+from service.broker.publisher import send_only_app
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from workers.config import CelerySettings
+from taskgate.worker.contract import CelerySettings
 
 
 class NaiveServicer(pb_grpc.TaskServiceServicer):

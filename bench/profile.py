@@ -19,7 +19,7 @@ _SITE = re.compile(r"^.*?/(site-packages|lib/python3\.\d+)/")
 #: Frames on (nearly) every stack, left out of the "total" list: they say nothing.
 _PLUMBING = (
     "(threading.py", "(<frozen runpy>", "(asyncio/base_events.py", "(asyncio/runners.py",
-    "(asyncio/events.py", "(service/__main__.py", "(service/cli.py", "(concurrent/futures/thread.py",
+    "(asyncio/events.py", "(service/__main__.py", "(service/cli/main.py", "(concurrent/futures/thread.py",
 )  # fmt: skip
 
 

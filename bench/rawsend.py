@@ -1,6 +1,6 @@
 """Raw Celery: ``send_task`` in a loop from one thread, for a fixed time; prints one JSON line.
 
-Uses the gateway's own send-only app (``service.dispatch.send_only_app``: JSON, no result
+Uses the gateway's own send-only app (``service.broker.publisher.send_only_app``: JSON, no result
 backend), configured from ``CELERY_BROKER_URL``.
 """
 
@@ -12,8 +12,8 @@ import sys
 import time
 
 from bench.drive import LoadResult, percentile
-from service.dispatch import send_only_app
-from workers.config import CelerySettings
+from service.broker.publisher import send_only_app
+from taskgate.worker.contract import CelerySettings
 
 
 def _cpu_seconds() -> float:

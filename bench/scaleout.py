@@ -52,7 +52,7 @@ from bench.scaleout_audit import (
     wait_settled,
 )
 from bench.servers import Server, broker_env
-from service.gateway import DISPATCH_LEAD
+from service.usecases.tasks import DISPATCH_LEAD
 
 #: Redis key prefix of this section's gateways: their queue is ``scaleout:celery``.
 PREFIX = "scaleout:"

@@ -29,7 +29,7 @@ from sqlalchemy.pool import NullPool
 
 from bench.drive import LoadResult
 from bench.plan import Plan
-from service.store import tasks
+from service.store.tasks import tasks
 
 _ORIGIN_PID = re.compile(r"^gen(\d+)@")
 #: One committed task in a gateway's log: its audit line or its "accepted (…)" line.

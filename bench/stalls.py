@@ -1,4 +1,4 @@
-"""The gateway's event-loop stalls, as ``service.loopwatch`` logs them on SIGUSR1."""
+"""The gateway's event-loop stalls, as ``service.runtime.loopwatch`` logs them on SIGUSR1."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ whose client adds least of its own; the Python run is reported beside it.
 Reported: streams opened, the gateway's Redis connections (its TCP connections to the Redis
 port, read from /proc), its RSS before and after opening the streams and its CPU time, how
 many streams saw the terminal update, delivery delays through taskgate against raw pub/sub,
-and the gateway's event-loop stalls (``service.loopwatch``, reported on SIGUSR1).
+and the gateway's event-loop stalls (``service.runtime.loopwatch``, reported on SIGUSR1).
 
 The clients open at most 200 streams at a time each: gRPC core cancels new calls the server
 has not picked up yet once more than 1,000 are queued (``grpc.server.max_pending_requests``),
@@ -341,8 +341,9 @@ def report(o: Outcome, *, delay_target: bool = True) -> str:
         "",
         f"gateway event-loop stalls, opening the streams : {_stalls(o.stalls_open)}",
         f"gateway event-loop stalls, updates and endings : {_stalls(o.stalls_updates)}",
-        "(a stall is how late a 5 ms timer fires, service/loopwatch.py; 'running' counts only the time the",
-        "loop's thread was on a CPU; a full GC is CPython's stop-the-world pass over every tracked object)",
+        "(a stall is how late a 5 ms timer fires, service/runtime/loopwatch.py; 'running' counts only the",
+        "time the loop's thread was on a CPU; a full GC is CPython's stop-the-world pass over every",
+        "tracked object)",
         f"logs: {o.work.relative_to(OUT.parent.parent)}/",
         "",
     ]

@@ -20,8 +20,8 @@ from typing import Any
 
 from celery.app.task import Context
 
+from taskgate.worker.contract import PROGRESS_STATE
 from workers import app
-from workers.config import PROGRESS_STATE
 
 
 def _request(task_id: str, queue: str) -> Context:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from workers.config import CelerySettings
+from taskgate.worker.contract import CelerySettings
 
 
 def _env(name: str, field: str) -> AliasChoices:
@@ -54,7 +54,7 @@ class Settings(CelerySettings):
     health_interval: float = Field(
         5.0, gt=0, validation_alias=_env("TASKGATE_HEALTH_INTERVAL", "health_interval")
     )
-    #: Path of the TOML file declaring the callers (see service/callers.py); empty = open mode.
+    #: Path of the TOML file declaring the callers (see service/domain/callers.py); empty = open mode.
     auth_file: str = Field("", validation_alias=_env("TASKGATE_AUTH_FILE", "auth_file"))
     #: Allow open mode (no auth file) on a non-loopback address.
     allow_insecure: bool = Field(False, validation_alias=_env("TASKGATE_ALLOW_INSECURE", "allow_insecure"))
@@ -93,7 +93,7 @@ class Settings(CelerySettings):
     )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
-    #: The garbage-collector policy (service/gcpolicy.py): ``managed`` keeps full collections
+    #: The garbage-collector policy (service/runtime/gcpolicy.py): ``managed`` keeps full collections
     #: out of the event loop's way; ``python`` leaves CPython's defaults.
     gc_policy: Literal["managed", "python"] = Field(
         "managed", validation_alias=_env("TASKGATE_GC", "gc_policy")

@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc import aio
 
-from service.auth import Authenticator, Security
-from service.callers import Callers
-from service.limits import ServiceLimits
-from service.server import Runtime, build_server
+from service.api.auth import Authenticator, Security
+from service.api.limits import ServiceLimits
+from service.api.server import Runtime, build_server
+from service.domain.callers import Callers
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.helpers import args

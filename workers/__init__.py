@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-from workers.config import CelerySettings, common_conf
+from taskgate.worker.contract import CelerySettings, common_conf
 
 settings = CelerySettings()
 
-app = Celery("workers", include=["workers.demo"], task_cls="workers.guard:OnceTask")
+app = Celery("workers", include=["workers.demo"], task_cls="taskgate.worker.guard:OnceTask")
 app.conf.update(
     common_conf(settings),
     result_backend=settings.result_backend,

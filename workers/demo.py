@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from taskgate.worker.progress import report_progress
 from workers import app, settings, work
-from workers.progress import report_progress
 
 
 @app.task(name="demo.add")

@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from service.callers import OPEN, AuthFileError, Caller, Callers
 from service.config import Settings
-from service.errors import Unauthenticated
+from service.domain.callers import OPEN, AuthFileError, Caller, Callers
+from service.domain.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
 #: Refused calls go to the audit log too (the method, never the credentials).

@@ -14,9 +14,9 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from service.domain import Progress, TaskRecord, TaskSpec, TaskState
-from service.errors import InvalidRequest
-from service.limits import InputLimits
+from service.api.limits import InputLimits
+from service.domain.errors import InvalidRequest
+from service.domain.model import Progress, TaskRecord, TaskSpec, TaskState
 from taskgate.v1 import task_service_pb2 as pb
 
 MAX_NAME_LENGTH = 255

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from service.callers import Caller
 from service.config import Settings
-from service.errors import LimitExceeded, RateLimited
+from service.domain.callers import Caller
+from service.domain.errors import LimitExceeded, RateLimited
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,21 +15,21 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 from sqlalchemy.engine import make_url
 
-from service.auth import Authenticator, AuthInterceptor, Security, StartupError, security_from_settings
-from service.catalog import Catalog
+from service.api.auth import Authenticator, AuthInterceptor, Security, StartupError, security_from_settings
+from service.api.limits import ServiceLimits
+from service.api.servicer import TaskServicer
+from service.broker.outbox import Outbox
+from service.broker.publisher import Publisher, publisher_for
 from service.config import Settings
-from service.dispatch import Publisher, publisher_for
-from service.errors import Unavailable
-from service.gateway import Gateway, Limits
-from service.gcpolicy import GcPolicy
-from service.limits import ServiceLimits
-from service.loopwatch import LoopWatch
-from service.outbox import Outbox
-from service.progress import ProgressHub
-from service.recorder import Recorder
-from service.schema import check_current
-from service.servicer import TaskServicer
-from service.store import TaskStore
+from service.domain.catalog import Catalog
+from service.domain.errors import Unavailable
+from service.results.hub import ProgressHub
+from service.results.recorder import Recorder
+from service.runtime.gcpolicy import GcPolicy
+from service.runtime.loopwatch import LoopWatch
+from service.store.migrate import check_current
+from service.store.tasks import TaskStore
+from service.usecases.tasks import Gateway, Limits
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 

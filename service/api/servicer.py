@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 from grpc import aio
 
-from service import convert
-from service.auth import Authenticator
-from service.domain import TaskSpec
-from service.errors import InvalidRequest, TaskgateError, grpc_errors
-from service.gateway import Accepted, Gateway
-from service.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
+from service.api import convert
+from service.api.auth import Authenticator
+from service.api.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
+from service.domain.errors import InvalidRequest, TaskgateError, grpc_errors
+from service.domain.model import TaskSpec
+from service.usecases.tasks import Accepted, Gateway
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 

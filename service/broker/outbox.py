@@ -7,7 +7,7 @@ a gateway that crashed, and far-future tasks that were held in the database unti
 before their run time. Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and a lease, so
 replicas never publish the same row at the same time. A crash between publishing and
 marking can still publish an id twice; the workers skip the second delivery
-(``workers.guard``).
+(``taskgate.worker.guard``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import logging
 import math
 from collections.abc import Sequence
 
-from service.dispatch import Publisher
-from service.domain import Delivery
-from service.errors import Unavailable
-from service.store import TaskStore
+from service.broker.publisher import Publisher
+from service.domain.errors import Unavailable
+from service.domain.model import Delivery
+from service.store.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from service.domain import Delivery, new_uuid
+from service.domain.model import Delivery, new_uuid
 
 #: kombu's separator between a queue name and its priority step.
 PRIORITY_SEP = "\x06\x16"

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.config import Settings
-from service.schema import upgrade
+from service.store.migrate import upgrade
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _redis(state: Path) -> Iterator[str]:
 
 def run(settings: Settings) -> int:
     """Run redis, a worker and the gateway until Ctrl-C."""
-    from service.server import masked_url, serve
+    from service.api.server import masked_url, serve
 
     STATE_DIR.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:

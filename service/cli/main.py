@@ -7,9 +7,9 @@ import asyncio
 import logging
 import sys
 
-from service import commands as commands_for_people
+from service.cli import tasks as commands_for_people
 from service.config import Settings
-from service.schema import SchemaNotCurrent, upgrade
+from service.store.migrate import SchemaNotCurrent, upgrade
 
 log = logging.getLogger("taskgate")
 
@@ -28,7 +28,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(settings: Settings) -> int:
-    from service.server import serve
+    from service.api.server import serve
 
     loop_factory = None
     if settings.event_loop == "uvloop":
@@ -51,7 +51,7 @@ def _migrate(settings: Settings) -> int:
 
 
 def _dev(settings: Settings) -> int:
-    from service.dev import run
+    from service.cli.dev import run
 
     return run(settings)
 

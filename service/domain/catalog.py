@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from service.errors import ArgumentsDoNotBind, UnknownTask
+from service.domain.errors import ArgumentsDoNotBind, UnknownTask
 
 
 class Catalog:

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from kombu.utils.json import loads
 
-from service.domain import Progress, TaskError, TaskState, TaskUpdate
-from workers.config import PROGRESS_STATE
+from service.domain.model import Progress, TaskError, TaskState, TaskUpdate
+from taskgate.worker.contract import PROGRESS_STATE
 
 log = logging.getLogger(__name__)
 

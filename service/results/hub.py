@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.celery_meta import parse_payload
-from service.domain import TaskUpdate
+from service.domain.model import TaskUpdate
+from service.results.document import parse_payload
 
 log = logging.getLogger(__name__)
 

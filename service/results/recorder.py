@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from service.domain import TaskUpdate, merge_updates
-from service.errors import Unavailable
-from service.store import TaskStore
+from service.domain.errors import Unavailable
+from service.domain.model import TaskUpdate, merge_updates
+from service.store.tasks import TaskStore
 
 if TYPE_CHECKING:
-    from service.progress import ProgressHub
+    from service.results.hub import ProgressHub
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from service.batching import GroupCommit
-from service.domain import (
+from service.domain.errors import DatabaseUnavailable, RequestIdConflict
+from service.domain.model import (
     TERMINAL_STATES,
     Delivery,
     Progress,
@@ -31,7 +31,7 @@ from service.domain import (
     TaskState,
     TaskUpdate,
 )
-from service.errors import DatabaseUnavailable, RequestIdConflict
+from service.store.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 

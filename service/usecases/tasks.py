@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from service.callers import OPEN, Caller
-from service.catalog import Catalog
-from service.domain import Delivery, TaskRecord, TaskSpec, TaskState, apply_update, new_uuid
-from service.errors import (
+from service.broker.outbox import Outbox
+from service.domain.callers import OPEN, Caller
+from service.domain.catalog import Catalog
+from service.domain.errors import (
     InvalidRequest,
     InvalidTasks,
     LimitExceeded,
@@ -22,10 +22,10 @@ from service.errors import (
     TaskNotFound,
     Unavailable,
 )
-from service.outbox import Outbox
-from service.progress import ProgressHub, Signal
-from service.recorder import Recorder
-from service.store import NewTask, TaskStore
+from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, apply_update, new_uuid
+from service.results.hub import ProgressHub, Signal
+from service.results.recorder import Recorder
+from service.store.tasks import NewTask, TaskStore
 
 log = logging.getLogger(__name__)
 

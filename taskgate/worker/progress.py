@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import current_task
 
-from workers.config import PROGRESS_STATE
+from taskgate.worker.contract import PROGRESS_STATE
 
 
 def report_progress(current: float, total: float = 0, message: str = "", **details: Any) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import redis
 
-from service.dispatch import RedisPublisher, send_only_app, send_options
-from service.domain import Delivery
-from workers.config import CelerySettings
+from service.broker.publisher import RedisPublisher, send_only_app, send_options
+from service.domain.model import Delivery
+from taskgate.worker.contract import CelerySettings
 
 #: Fields that differ between any two sends: a fresh tag, the sender's identity.
 _VOLATILE = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin")}

@@ -30,7 +30,7 @@ from taskgate.client import (
     TaskgateError,
     TaskState,
 )
-from workers.config import common_conf
+from taskgate.worker.contract import common_conf
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.progress import CLIENT_NAME
-from service.server import Runtime
+from service.api.server import Runtime
+from service.results.hub import CLIENT_NAME
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.helpers import enqueue, wait_state
@@ -259,13 +259,15 @@ async def test_fuzz_the_live_server(
     connections = hub_connections(redis_client)
 
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="service.errors"):
+    with caplog.at_level(logging.ERROR, logger="service.domain.errors"):
         codes = await asyncio.to_thread(run_property, server_port, known)
     elapsed = time.monotonic() - started
     print(f"\n{sum(codes.values())} calls in {elapsed:.0f}s: {dict(sorted(codes.items()))}")
 
     assert sum(codes.values()) >= EXAMPLES
-    assert not [r for r in caplog.records if r.name == "service.errors"], "a handler failed with INTERNAL"
+    assert not [r for r in caplog.records if r.name == "service.domain.errors"], (
+        "a handler failed with INTERNAL"
+    )
     health = health_pb2_grpc.HealthStub(channel)
     answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING

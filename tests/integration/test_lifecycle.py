@@ -10,7 +10,7 @@ import pytest
 from grpc import aio
 
 from service.config import Settings
-from service.schema import ensure_database
+from service.store.migrate import ensure_database
 from taskgate.client import AsyncClient, TaskState
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

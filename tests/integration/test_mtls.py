@@ -8,9 +8,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from service.auth import security_from_settings
+from service.api.auth import security_from_settings
+from service.api.server import Runtime
 from service.config import Settings
-from service.server import Runtime
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.security import Issued, Pki, add, bearer, make_pki, refused, serving, write_auth_file

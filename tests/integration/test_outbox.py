@@ -25,8 +25,8 @@ from google.protobuf import timestamp_pb2
 from grpc import aio
 
 from service.config import Settings
-from service.schema import upgrade
-from service.store import TaskStore, tasks
+from service.store.migrate import upgrade
+from service.store.tasks import TaskStore, tasks
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.conftest import _admin, database_url, start_worker, stop_process

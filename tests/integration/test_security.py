@@ -19,11 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from service.auth import UNAUTHENTICATED_MESSAGE, Authenticator, Security, security_from_settings
-from service.callers import Callers
+from service.api.auth import UNAUTHENTICATED_MESSAGE, Authenticator, Security, security_from_settings
+from service.api.limits import ServiceLimits
+from service.api.server import Runtime
 from service.config import Settings
-from service.limits import ServiceLimits
-from service.server import Runtime
+from service.domain.callers import Callers
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, child_env
@@ -306,7 +306,7 @@ async def test_open_mode_refuses_a_public_address(settings: Settings) -> None:
 
 
 def test_open_mode_warns_and_allow_insecure_lets_it_start(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.api.auth"):
         security = security_from_settings(Settings(listen="0.0.0.0:0", allow_insecure=True))
     assert security.authenticator.is_open
     assert "OPEN MODE" in caplog.text

@@ -15,10 +15,10 @@ import redis
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.domain import TaskState, TaskUpdate
-from service.progress import CLIENT_NAME
-from service.recorder import RECONCILE_CHUNK
-from service.server import Runtime
+from service.api.server import Runtime
+from service.domain.model import TaskState, TaskUpdate
+from service.results.hub import CLIENT_NAME
+from service.results.recorder import RECONCILE_CHUNK
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from tests.helpers import args, enqueue, value, wait_state

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import (
+from service.api.auth import (
     Authenticator,
     StartupError,
     _bearer,
@@ -16,8 +16,8 @@ from service.auth import (
     security_from_settings,
     server_credentials,
 )
-from service.callers import OPEN, AuthFileError, Caller, Callers
 from service.config import Settings
+from service.domain.callers import OPEN, AuthFileError, Caller, Callers
 
 
 def sha(token: str) -> str:
@@ -163,7 +163,7 @@ def test_is_loopback(listen: str, loopback: bool) -> None:
 def test_open_mode_needs_loopback_or_allow_insecure(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(StartupError, match="TASKGATE_ALLOW_INSECURE=1"):
         security_from_settings(Settings(listen="0.0.0.0:50051"))
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.api.auth"):
         assert security_from_settings(Settings(listen="127.0.0.1:0")).authenticator.is_open
     assert "OPEN MODE" in caplog.text
 

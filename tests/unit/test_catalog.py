@@ -1,4 +1,4 @@
-"""The task catalog (service.catalog) and the plain demo functions it lists (workers.work)."""
+"""The task catalog (service.domain.catalog) and the plain demo functions it lists (workers.work)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from service.catalog import Catalog
-from service.errors import ArgumentsDoNotBind, UnknownTask
+from service.domain.catalog import Catalog
+from service.domain.errors import ArgumentsDoNotBind, UnknownTask
 from workers import work
 
 

@@ -1,4 +1,4 @@
-"""Reading Celery result documents: service.celery_meta."""
+"""Reading Celery result documents: service.results.document."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from kombu.utils.json import dumps
 
-from service.celery_meta import parse_document, parse_payload
-from service.domain import Progress, TaskError, TaskState, TaskUpdate
+from service.domain.model import Progress, TaskError, TaskState, TaskUpdate
+from service.results.document import parse_document, parse_payload
 
 OBSERVED = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DONE = datetime(2024, 1, 1, 11, 59, 30, 250000, tzinfo=UTC)

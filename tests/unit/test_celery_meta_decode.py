@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kombu.utils.json import dumps, loads
 
-from service.celery_meta import _decode
+from service.results.document import _decode
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Protobuf <-> domain conversion in service.convert."""
+"""Protobuf <-> domain conversion in service.api.convert."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
-from service import convert
-from service.domain import Progress, TaskError, TaskRecord, TaskState
-from service.errors import InvalidRequest
+from service.api import convert
+from service.domain.errors import InvalidRequest
+from service.domain.model import Progress, TaskError, TaskRecord, TaskState
 from taskgate.v1 import task_service_pb2 as pb
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)

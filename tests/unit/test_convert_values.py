@@ -12,9 +12,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import convert
-from service.errors import InvalidRequest
-from service.store import _any_json
+from service.api import convert
+from service.domain.errors import InvalidRequest
+from service.store.tasks import _any_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False) | st.text(),

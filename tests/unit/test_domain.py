@@ -1,4 +1,4 @@
-"""The pure state rules of service.domain."""
+"""The pure state rules of service.domain.model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.domain import (
+from service.domain.model import (
     Progress,
     TaskError,
     TaskRecord,

@@ -1,11 +1,11 @@
-"""The error tree's mapping to gRPC statuses: service.errors.status_for."""
+"""The error tree's mapping to gRPC statuses: service.domain.errors.status_for."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from service import errors
+from service.domain import errors
 
 
 @pytest.mark.parametrize(

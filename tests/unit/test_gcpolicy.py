@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.gcpolicy import NO_FULL_COLLECTIONS, FreezeTally, GcPolicy, ReclaimRule
+from service.runtime.gcpolicy import NO_FULL_COLLECTIONS, FreezeTally, GcPolicy, ReclaimRule
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_reclaim_frees_a_cycle_that_was_frozen(caplog: pytest.LogCaptureFixture)
     policy.start()
     _Cycle()  # unreachable at once, but only a collection can free it
     gc.freeze()  # as a step would once it is old
-    with caplog.at_level(logging.INFO, logger="service.gcpolicy"):
+    with caplog.at_level(logging.INFO, logger="service.runtime.gcpolicy"):
         assert policy.reclaim("test") >= 1
     assert "reclaim (test) freed" in caplog.text
     assert gc.get_freeze_count() > 0  # frozen again afterwards
@@ -91,7 +91,7 @@ def test_steps_reclaim_once_quiet_after_streams(caplog: pytest.LogCaptureFixture
     policy = GcPolicy("managed", quiet=lambda: not open_streams, rule=rule, report_every=1e9)
     policy.start()
     base = time.monotonic()  # offsets far larger than the test's own run time
-    with caplog.at_level(logging.INFO, logger="service.gcpolicy"):
+    with caplog.at_level(logging.INFO, logger="service.runtime.gcpolicy"):
         policy.step(base + 50.0)  # busy: nothing due
         open_streams.clear()
         policy.step(base + 60.0)  # quiet, too soon

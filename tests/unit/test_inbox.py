@@ -7,8 +7,8 @@ import datetime as dt
 
 import pytest
 
-from service.domain import TaskState, TaskUpdate
-from service.progress import Inbox, Signal
+from service.domain.model import TaskState, TaskUpdate
+from service.results.hub import Inbox, Signal
 
 SEEN = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

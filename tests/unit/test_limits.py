@@ -9,10 +9,10 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 
-from service import convert
-from service.callers import Caller
-from service.errors import InvalidRequest, LimitExceeded, RateLimited, status_details
-from service.limits import InputLimits, RateLimiter, StreamSlots
+from service.api import convert
+from service.api.limits import InputLimits, RateLimiter, StreamSlots
+from service.domain.callers import Caller
+from service.domain.errors import InvalidRequest, LimitExceeded, RateLimited, status_details
 from taskgate.v1 import task_service_pb2 as pb
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.loopwatch import LoopWatch, StallStats
+from service.runtime.loopwatch import LoopWatch, StallStats
 
 
 def test_empty_stats_report_zeros() -> None:
@@ -120,7 +120,7 @@ async def watching(watch: LoopWatch) -> AsyncIterator[None]:
 
 async def test_a_blocked_loop_shows_up_as_a_stall(caplog: pytest.LogCaptureFixture) -> None:
     watch = LoopWatch(interval=0.005, warn_ms=30.0)
-    with caplog.at_level(logging.WARNING, logger="service.loopwatch"):
+    with caplog.at_level(logging.WARNING, logger="service.runtime.loopwatch"):
         async with watching(watch):
             time.sleep(0.05)  # noqa: ASYNC251 - the deliberate stall under test
     report = watch.report()
@@ -146,7 +146,7 @@ async def test_log_report_writes_one_line_and_resets(caplog: pytest.LogCaptureFi
     try:
         while watch.report(reset=False).samples < 2:
             await asyncio.sleep(0.005)
-        with caplog.at_level(logging.INFO, logger="service.loopwatch"):
+        with caplog.at_level(logging.INFO, logger="service.runtime.loopwatch"):
             watch.log_report()
     finally:
         task.cancel()
