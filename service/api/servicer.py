@@ -15,7 +15,8 @@ from grpc import aio
 from service.api import convert
 from service.api.auth import Authenticator
 from service.api.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
-from service.domain.errors import InvalidRequest, TaskgateError, grpc_errors
+from service.api.status import code_for, grpc_errors
+from service.domain.errors import InvalidRequest, TaskgateError
 from service.domain.model import TaskSpec
 from service.usecases.tasks import Accepted, Gateway
 from taskgate.v1 import task_service_pb2 as pb
@@ -45,7 +46,7 @@ def _audited(what: str, request_id: str, *, one_task: bool = True) -> Iterator[_
     try:
         yield audited
     except TaskgateError as exc:
-        audited.outcome = exc.code.name
+        audited.outcome = code_for(exc).name
         raise
     except asyncio.CancelledError:
         audited.outcome = "CANCELLED"

@@ -12,9 +12,9 @@ import pytest
 from grpc import aio
 
 from service.api.server import Runtime, build_server
+from service.api.status import INTERNAL_MESSAGE
 from service.config import Settings
 from service.domain.catalog import Catalog
-from service.domain.errors import INTERNAL_MESSAGE
 from service.store.tasks import TaskStore
 from service.usecases.tasks import Gateway
 from taskgate.v1 import task_service_pb2 as pb
@@ -68,7 +68,7 @@ async def test_database_down_is_unavailable(broken_db_stub: pb_grpc.TaskServiceS
 async def test_internal_errors_are_logged_not_leaked(
     exploding_stub: pb_grpc.TaskServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="service.domain.errors"):
+    with caplog.at_level(logging.ERROR, logger="service.api.status"):
         with pytest.raises(aio.AioRpcError) as caught:
             await exploding_stub.Enqueue(pb.EnqueueRequest(task_name="demo.add", args=args(1, 2)))
     assert caught.value.code() == grpc.StatusCode.INTERNAL

@@ -1,10 +1,11 @@
-"""The error tree's mapping to gRPC statuses: service.domain.errors.status_for."""
+"""The error tree's mapping to gRPC statuses: service.api.status.status_for."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
+from service.api import status
 from service.domain import errors
 
 
@@ -26,12 +27,12 @@ from service.domain import errors
 def test_gateway_errors_keep_their_message(
     error_class: type[errors.TaskgateError], code: grpc.StatusCode
 ) -> None:
-    assert errors.status_for(error_class("what went wrong")) == (code, "what went wrong")
+    assert status.status_for(error_class("what went wrong")) == (code, "what went wrong")
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("secret"), KeyError("secret"), ValueError("secret")])
 def test_other_errors_are_internal_without_details(exc: Exception) -> None:
-    code, message = errors.status_for(exc)
+    code, message = status.status_for(exc)
     assert code is grpc.StatusCode.INTERNAL
     assert "secret" not in message
-    assert message == errors.INTERNAL_MESSAGE
+    assert message == status.INTERNAL_MESSAGE

@@ -11,8 +11,9 @@ from google.rpc import error_details_pb2
 
 from service.api import convert
 from service.api.limits import InputLimits, RateLimiter, StreamSlots
+from service.api.status import status_details
 from service.domain.callers import Caller
-from service.domain.errors import InvalidRequest, LimitExceeded, RateLimited, status_details
+from service.domain.errors import InvalidRequest, LimitExceeded, RateLimited
 from taskgate.v1 import task_service_pb2 as pb
 
 
