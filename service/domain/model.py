@@ -165,29 +165,97 @@ def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:
     )
 
 
-def apply_update(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
-    """The record after ``update``; unchanged when the record is already terminal."""
+class Take(enum.Enum):
+    """How a record's field takes the value an update brings for it (``None``: nothing)."""
+
+    #: the update's value, even None
+    ALWAYS = "always"
+    #: the update's value unless it is None: ``coalesce(new, old)``
+    IF_GIVEN = "if_given"
+    #: the record's value unless it is None: ``coalesce(old, new)`` (set once)
+    IF_UNSET = "if_unset"
+    #: the update's value (even None) when the update's state is SUCCEEDED, else the record's
+    IF_SUCCEEDED = "if_succeeded"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    """One field of the transition rule: which field, and how it takes the update's value."""
+
+    field: str
+    take: Take
+
+
+def incoming(update: TaskUpdate, field: str) -> Any:
+    """The value ``update`` brings for the record's ``field`` (None: it brings none).
+
+    ``update_time`` is when the update was observed; ``end_time`` is set by a terminal
+    update only: the end its worker stamped, or else when it was observed.
+    """
+    if field == "update_time":
+        return update.observed_time
+    if field == "end_time":
+        return (update.end_time or update.observed_time) if update.state.terminal else None
+    return getattr(update, field)
+
+
+#: The one transition rule, for the domain and every store path (the store generates its
+#: SQL from it). Besides these fields:
+#:
+#: - a record in a ``TERMINAL_STATES`` state is never changed (``apply_update`` returns it
+#:   as it is; the store's UPDATE skips its row);
+#: - times are never inverted: an update that brings an ``END_FIELD`` value sets
+#:   ``START_FIELD`` to that value when the start is unknown or later than it (the start is
+#:   seen on the gateway's clock, the end stamped on the worker's).
+TRANSITION_RULES: tuple[FieldRule, ...] = (
+    FieldRule("state", Take.ALWAYS),
+    FieldRule("update_time", Take.ALWAYS),
+    FieldRule("error", Take.ALWAYS),
+    FieldRule("progress", Take.IF_GIVEN),
+    FieldRule("retries", Take.IF_GIVEN),
+    FieldRule("result", Take.IF_SUCCEEDED),
+    FieldRule("end_time", Take.IF_GIVEN),
+    FieldRule("start_time", Take.IF_UNSET),
+)
+START_FIELD = "start_time"
+END_FIELD = "end_time"
+
+
+def take(rule: FieldRule, old: Any, new: Any, state: TaskState) -> Any:
+    """The value of ``rule``'s field after an update in ``state`` bringing ``new``."""
+    if rule.take is Take.ALWAYS:
+        return new
+    if rule.take is Take.IF_GIVEN:
+        return old if new is None else new
+    if rule.take is Take.IF_UNSET:
+        return new if old is None else old
+    return new if state is TaskState.SUCCEEDED else old
+
+
+def not_after(start: datetime | None, end: datetime | None) -> datetime | None:
+    """The start, never later than an end the update brings (and the end if unknown)."""
+    if end is not None and (start is None or start > end):
+        return end
+    return start
+
+
+def advance(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
+    """The record after ``update`` as the store writes it (``update_time`` always moves);
+    the record itself when it is already terminal."""
     if record.state.terminal:
         return record
-    changes: dict[str, Any] = {"state": update.state, "update_time": update.observed_time}
-    if update.progress is not None:
-        changes["progress"] = update.progress
-    if update.retries is not None:
-        changes["retries"] = update.retries
-    if update.start_time is not None and record.start_time is None:
-        changes["start_time"] = update.start_time
-    if update.state is TaskState.SUCCEEDED:
-        changes["result"] = update.result
-    changes["error"] = update.error
-    if update.state.terminal:
-        end_time = update.end_time or update.observed_time
-        changes["end_time"] = end_time
-        # the start was seen on the gateway's clock, the end stamped on the worker's:
-        # never report a task as ending before it started
-        start_time = changes.get("start_time", record.start_time)
-        if start_time is None or start_time > end_time:
-            changes["start_time"] = end_time
-    new = dataclasses.replace(record, **changes)
-    if dataclasses.replace(new, update_time=record.update_time) == record:
+    changes = {
+        rule.field: take(rule, getattr(record, rule.field), incoming(update, rule.field), update.state)
+        for rule in TRANSITION_RULES
+    }
+    changes[START_FIELD] = not_after(changes[START_FIELD], incoming(update, END_FIELD))
+    return dataclasses.replace(record, **changes)
+
+
+def apply_update(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
+    """The record after ``update``; unchanged when the record is already terminal, and when
+    nothing but ``update_time`` would change (a repeat is not news to a watcher)."""
+    new = advance(record, update)
+    if new is record or dataclasses.replace(new, update_time=record.update_time) == record:
         return record
     return new
