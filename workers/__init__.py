@@ -1,26 +1,19 @@
 """The Celery app of the taskgate workers: ``celery -A workers worker``.
 
-Its tasks are the gateway's default catalog. Workers run with ``task_track_started``
-and ``result_extended`` so the gateway sees STARTED and the task's name and retries.
+Its tasks are the gateway's default catalog. The app takes every setting from the shared
+contract (``common_conf``: ``task_track_started`` and ``result_extended`` so the gateway
+sees STARTED and the task's name and retries) and the run-once guard as its base task.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from taskgate.worker.contract import CelerySettings, common_conf
+from taskgate.worker import CelerySettings, OnceTask, common_conf
 
 settings = CelerySettings()
 
-app = Celery("workers", include=["workers.demo"], task_cls="taskgate.worker.guard:OnceTask")
-app.conf.update(
-    common_conf(settings),
-    result_backend=settings.result_backend,
-    result_expires=settings.result_expires,
-    result_extended=True,
-    task_track_started=True,
-    worker_hijack_root_logger=False,
-    taskgate_key_prefix=settings.key_prefix,
-)
+app = Celery("workers", include=["workers.demo"], task_cls=OnceTask)
+app.conf.update(common_conf(settings), worker_hijack_root_logger=False)
 
 __all__ = ["app", "settings"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from taskgate.worker.progress import report_progress
+from taskgate.worker import report_progress
 from workers import app, settings, work
 
 

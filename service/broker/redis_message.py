@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from service.domain.model import Delivery, new_uuid
+from taskgate.worker.contract import KOMBU_BINDING_PERMANENT_PREFIX, KOMBU_BINDING_PREFIX
 
 #: kombu's separator between a queue name and its priority step.
 PRIORITY_SEP = "\x06\x16"
@@ -75,8 +76,8 @@ class RedisLayout:
         """The two binding sets kombu declares for a queue, and their member."""
         member = f"{queue}{self.sep * 2}{queue}"
         return (
-            f"{self.key_prefix}_kombu.binding.{queue}",
-            f"{self.key_prefix}_kombu.binding_permanent.{queue}",
+            f"{self.key_prefix}{KOMBU_BINDING_PREFIX}{queue}",
+            f"{self.key_prefix}{KOMBU_BINDING_PERMANENT_PREFIX}{queue}",
             member,
         )
 

@@ -1,0 +1,114 @@
+"""``configure(app)``: the one call that readies an existing Celery app for taskgate.
+
+It leaves the app's broker and result backend where they are and adds what the gateway
+needs to follow the app's tasks (``taskgate.worker.contract.required_conf``), the shared
+key prefix, and the run-once guard (``OnceTask``) as the base class of the app's tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.utils.imports import symbol_by_name
+
+from taskgate.worker.contract import KEY_PREFIX_SETTING, CelerySettings, check_key_prefix, required_conf
+from taskgate.worker.guard import OnceTask
+
+log = logging.getLogger(__name__)
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
+_OPTION_NAMES = ("broker_transport_options", "result_backend_transport_options")
+
+
+class ConfigurationError(ValueError):
+    """The app cannot be configured for taskgate as it stands."""
+
+
+def configure(app: Celery, *, key_prefix: str | None = None, guard: bool = True) -> Celery:
+    """Apply taskgate's settings to an existing Celery app; call it after the app's own config.
+
+    Sets ``task_track_started``, ``result_extended`` and JSON results, adds ``json`` to
+    ``accept_content`` (the gateway sends JSON messages), puts the key prefix into both
+    transport options' ``global_keyprefix``, and makes ``OnceTask`` the base class of the
+    app's tasks. The broker URL, the result backend and everything else stay the app's.
+
+    Args:
+        app: the worker's Celery app; its tasks must not have been created yet when
+            ``guard`` is on (``@app.task`` is lazy, so module-level tasks are fine).
+        key_prefix: the deployment's ``TASKGATE_KEY_PREFIX``; None reads the environment
+            variable, and falls back to a ``global_keyprefix`` the app already has.
+        guard: install the run-once guard (skip a second delivery of the same id).
+
+    Returns:
+        ``app``, for chaining.
+
+    Raises:
+        ConfigurationError: the result backend is not Redis, the key prefix disagrees
+            with the app's own ``global_keyprefix``, or the app's base task class is
+            already built without the guard.
+    """
+    conf = app.conf
+    _check_backend(conf.get("result_backend"))
+    prefix = _key_prefix(conf, key_prefix)
+    accept = list(conf.get("accept_content") or ["json"])
+    settings: dict[str, Any] = {
+        **required_conf(),
+        "accept_content": accept if "json" in accept else [*accept, "json"],
+        KEY_PREFIX_SETTING: prefix,
+    }
+    if prefix:
+        for name in _OPTION_NAMES:
+            settings[name] = {**(conf.get(name) or {}), "global_keyprefix": prefix}
+    conf.update(settings)
+    if guard:
+        install_guard(app)
+    log.debug("taskgate settings applied to app %s (key prefix %r)", app.main, prefix)
+    return app
+
+
+def install_guard(app: Celery) -> None:
+    """Make ``OnceTask`` a base of the app's task class (before any task is created).
+
+    Raises:
+        ConfigurationError: the app already built its base task class without the guard.
+    """
+    base = app.__dict__.get("Task")  # Celery builds app.Task once, on first use
+    if base is not None:
+        if not issubclass(base, OnceTask):
+            raise ConfigurationError(
+                "the app's tasks already exist: call taskgate.worker.configure(app) before they "
+                "are created, or pass task_cls='taskgate.worker:OnceTask' to Celery()"
+            )
+        return
+    target: Any = app  # the stubs type task_cls as a string; Celery takes a class too
+    current = symbol_by_name(target.task_cls or "celery.app.task:Task")
+    if current is Task:
+        target.task_cls = OnceTask
+    elif not issubclass(current, OnceTask):
+        # keep the app's own base class, with the guard in front of it
+        target.task_cls = type(f"Once{current.__name__}", (OnceTask, current), {"__module__": __name__})
+
+
+def _check_backend(url: Any) -> None:
+    if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
+        raise ConfigurationError(
+            f"taskgate reads task states from a Redis result backend; this app's is {url!r}"
+        )
+
+
+def _key_prefix(conf: Any, wanted: str | None) -> str:
+    """The one prefix of the app's broker and result backend keys."""
+    if wanted is None:
+        wanted = CelerySettings().key_prefix
+    current = {(conf.get(name) or {}).get("global_keyprefix", "") for name in _OPTION_NAMES} - {""}
+    if len(current) > 1:
+        raise ConfigurationError(f"the broker and the result backend use different key prefixes: {current}")
+    if not wanted:
+        return current.pop() if current else ""
+    if current and current != {wanted}:
+        raise ConfigurationError(
+            f"TASKGATE_KEY_PREFIX {wanted!r} differs from the app's global_keyprefix {current.pop()!r}"
+        )
+    return check_key_prefix(wanted)
