@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 
 from service.domain.model import TaskUpdate
 from service.results.document import parse_payload
+from taskgate.worker.contract import meta_pattern
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class ProgressHub:
     async def _listen(self) -> None:
         pubsub = self._subscriber.pubsub()
         try:
-            await pubsub.psubscribe(f"{self._prefix}*")
+            await pubsub.psubscribe(meta_pattern(self._prefix))
             handled = 0
             async for message in pubsub.listen():
                 kind = message.get("type")
