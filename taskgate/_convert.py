@@ -140,98 +140,86 @@ def to_duration(delay: float | dt.timedelta) -> duration_pb2.Duration:
     return duration
 
 
-def enqueue_request(
-    task_name: str,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    *,
-    queue: str,
-    request_id: str,
-    priority: int | None,
-    countdown: float | dt.timedelta | None,
-    expire_time: dt.datetime | None,
-    headers: Mapping[str, str] | None,
-) -> pb.EnqueueRequest:
-    """The EnqueueRequest for ``task_name(*args, **kwargs)``."""
-    return pb.EnqueueRequest(
-        task_name=task_name,
-        args=to_list_value(args),
-        kwargs=to_struct(kwargs),
-        queue=queue,
-        request_id=request_id,
-        priority=priority,
-        countdown=None if countdown is None else to_duration(countdown),
-        expire_time=None if expire_time is None else to_timestamp(expire_time, "expire_time"),
-        headers=headers,
-    )
-
-
-def enqueue_at_request(
-    task_name: str,
-    run_time: dt.datetime,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    *,
-    queue: str,
-    request_id: str,
-    priority: int | None,
-    expire_time: dt.datetime | None,
-    headers: Mapping[str, str] | None,
-) -> pb.EnqueueAtRequest:
-    """The EnqueueAtRequest for ``task_name(*args, **kwargs)`` at ``run_time``."""
-    return pb.EnqueueAtRequest(
-        task_name=task_name,
-        args=to_list_value(args),
-        kwargs=to_struct(kwargs),
-        queue=queue,
-        request_id=request_id,
-        priority=priority,
-        run_time=to_timestamp(run_time, "run_time"),
-        expire_time=None if expire_time is None else to_timestamp(expire_time, "expire_time"),
-        headers=headers,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TaskCall:
-    """One task of an ``enqueue_batch``: ``task_name(*args, **kwargs)`` with its own options.
+    """One task to send: ``task_name(*args, **kwargs)`` and, apart from them, its options.
 
-    ``countdown`` (seconds or a timedelta) and ``run_time`` (aware) are alternatives; neither
-    means at once.
+    The task's arguments are ``args`` and ``kwargs`` only; the options are keyword-only fields,
+    so a task keyword argument named ``queue`` (or like any other option) goes in ``kwargs``.
+
+    Attributes:
+        task_name: the registered Celery task name.
+        args: positional task arguments (a list or a tuple).
+        kwargs: keyword task arguments.
+        queue: the Celery queue; None means the task's default route.
+        priority: 0 to 9 (0 is the highest on Redis); None means the queue's default.
+        countdown: seconds (or a timedelta) to wait before the task may start.
+        run_time: when the task may start (aware). ``countdown`` and ``run_time`` are
+            alternatives; neither means at once.
+        expire_time: after this (aware) time the task is discarded and ends CANCELLED.
+        headers: extra Celery message headers.
     """
 
     task_name: str
     args: Sequence[Any] = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    queue: str = ""
+    _: dataclasses.KW_ONLY
+    queue: str | None = None
     priority: int | None = None
     countdown: float | dt.timedelta | None = None
     run_time: dt.datetime | None = None
     expire_time: dt.datetime | None = None
     headers: Mapping[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.args, list | tuple):
+            raise TypeError(f"args must be a list or a tuple, not {type(self.args).__name__}")
+        if not isinstance(self.kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, not {type(self.kwargs).__name__}")
+        if self.countdown is not None and self.run_time is not None:
+            raise ValueError("a task takes countdown or run_time, not both")
 
-def batch_request(tasks: Sequence[TaskCall], request_id: str) -> pb.EnqueueBatchRequest:
-    """The EnqueueBatchRequest for ``tasks``."""
-    if any(t.countdown is not None and t.run_time is not None for t in tasks):
-        raise ValueError("a TaskCall takes countdown or run_time, not both")
-    return pb.EnqueueBatchRequest(
-        tasks=[
-            pb.BatchTask(
-                task_name=t.task_name,
-                args=to_list_value(t.args),
-                kwargs=to_struct(t.kwargs),
-                queue=t.queue,
-                priority=t.priority,
-                countdown=None if t.countdown is None else to_duration(t.countdown),
-                run_time=None if t.run_time is None else to_timestamp(t.run_time, "run_time"),
-                expire_time=None if t.expire_time is None else to_timestamp(t.expire_time, "expire_time"),
-                headers=t.headers,
-            )
-            for t in tasks
-        ],
-        request_id=request_id,
+
+def _common_fields(call: TaskCall) -> dict[str, Any]:
+    """The fields every request message shares, from ``call``."""
+    return {
+        "task_name": call.task_name,
+        "args": to_list_value(call.args),
+        "kwargs": to_struct(call.kwargs),
+        "queue": call.queue or "",
+        "priority": call.priority,
+        "expire_time": None if call.expire_time is None else to_timestamp(call.expire_time, "expire_time"),
+        "headers": call.headers,
+    }
+
+
+def enqueue_request(call: TaskCall, request_id: str | None) -> pb.EnqueueRequest:
+    """The EnqueueRequest for ``call``, which must have no ``run_time``."""
+    if call.run_time is not None:
+        raise ValueError("a task with a run_time is sent with EnqueueAt")
+    countdown = None if call.countdown is None else to_duration(call.countdown)
+    return pb.EnqueueRequest(**_common_fields(call), countdown=countdown, request_id=request_id or "")
+
+
+def enqueue_at_request(call: TaskCall, request_id: str | None) -> pb.EnqueueAtRequest:
+    """The EnqueueAtRequest for ``call``, which must have a ``run_time``."""
+    if call.run_time is None:
+        raise ValueError("EnqueueAt needs a run_time")
+    run_time = to_timestamp(call.run_time, "run_time")
+    return pb.EnqueueAtRequest(**_common_fields(call), run_time=run_time, request_id=request_id or "")
+
+
+def _batch_task(call: TaskCall) -> pb.BatchTask:
+    return pb.BatchTask(
+        **_common_fields(call),
+        countdown=None if call.countdown is None else to_duration(call.countdown),
+        run_time=None if call.run_time is None else to_timestamp(call.run_time, "run_time"),
     )
+
+
+def batch_request(tasks: Sequence[TaskCall], request_id: str | None) -> pb.EnqueueBatchRequest:
+    """The EnqueueBatchRequest for ``tasks``."""
+    return pb.EnqueueBatchRequest(tasks=[_batch_task(t) for t in tasks], request_id=request_id or "")
 
 
 # --- protobuf to Python ------------------------------------------------------------------

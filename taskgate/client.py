@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 import grpc
@@ -65,6 +65,19 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
 ]
+
+
+@contextlib.contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """Turn a gRPC error raised in the block into its TaskgateError: the client's one boundary.
+
+    For unary calls, ``with _rpc_errors(): response = stub.Method(request)``; around a stream's
+    loop it covers every message read, generators included (closing one passes straight through).
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
 
 
 def _finished(task: Task) -> Task:
@@ -151,78 +164,89 @@ class AsyncClient:
         """Close the channel; calls still running are cancelled."""
         await self._channel.close()
 
-    async def enqueue(
-        self,
-        task_name: str,
-        /,
-        *args: Any,
-        queue: str = "",
-        request_id: str = "",
-        priority: int | None = None,
-        countdown: float | dt.timedelta | None = None,
-        expire_time: dt.datetime | None = None,
-        headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
-    ) -> str:
+    async def enqueue(self, task_name: str, /, *args: Any, **kwargs: Any) -> str:
         """Run ``task_name(*args, **kwargs)`` as soon as a worker is free; return the task id.
 
-        ``countdown`` (seconds or a timedelta) delays the start; after ``expire_time`` the task is
-        discarded and ends CANCELLED; a repeated ``request_id`` returns the first task's id.
+        Like Celery's ``delay()``: every keyword argument goes to the task, whatever its name.
+        For options (queue, countdown, request_id, ...) use ``send_task``.
         """
-        request = _convert.enqueue_request(
-            task_name, args, kwargs, queue=queue, request_id=request_id, priority=priority,
-            countdown=countdown, expire_time=expire_time, headers=headers,
-        )  # fmt: skip
-        try:
-            response = await self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return response.task_id
+        return await self.send_task(task_name, args, kwargs)
 
-    async def enqueue_at(
+    async def enqueue_at(self, task_name: str, run_time: dt.datetime, /, *args: Any, **kwargs: Any) -> str:
+        """Run ``task_name(*args, **kwargs)`` at ``run_time`` (aware); return the task id.
+
+        Every keyword argument goes to the task, as with ``enqueue``.
+        """
+        return await self.send_task(task_name, args, kwargs, run_time=run_time)
+
+    async def send_task(
         self,
         task_name: str,
-        run_time: dt.datetime,
-        /,
-        *args: Any,
-        queue: str = "",
-        request_id: str = "",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
         priority: int | None = None,
+        countdown: float | dt.timedelta | None = None,
+        run_time: dt.datetime | None = None,
         expire_time: dt.datetime | None = None,
         headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        request_id: str | None = None,
     ) -> str:
-        """Run ``task_name(*args, **kwargs)`` at ``run_time`` (aware); return the task id."""
-        request = _convert.enqueue_at_request(
-            task_name, run_time, args, kwargs, queue=queue, request_id=request_id, priority=priority,
-            expire_time=expire_time, headers=headers,
-        )  # fmt: skip
-        try:
-            response = await self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return response.task_id
+        """Run ``task_name(*args, **kwargs)`` with options; return the task id.
 
-    async def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str = "") -> list[str]:
+        Like Celery's ``apply_async(args, kwargs, **options)``: the task's arguments and the
+        options are separate parameters, so no task argument is mistaken for an option.
+
+        Args:
+            task_name: the registered Celery task name.
+            args: positional task arguments (a list or a tuple).
+            kwargs: keyword task arguments; None means none.
+            queue: the Celery queue; None means the task's default route.
+            priority: 0 to 9 (0 is the highest on Redis); None means the queue's default.
+            countdown: seconds, or a timedelta, to wait before the task may start.
+            run_time: when the task may start (aware); not together with ``countdown``.
+            expire_time: after this (aware) time the task is discarded and ends CANCELLED.
+            headers: extra Celery message headers.
+            request_id: idempotency key: a repeat returns the first task's id (AlreadyExists
+                when the request differs); None means no deduplication.
+
+        Raises:
+            ValueError, TypeError: arguments that cannot be sent (checked before sending).
+            TaskgateError: the gateway refused the call (InvalidArgument, AlreadyExists, ...).
+        """
+        call = TaskCall(
+            task_name, args, {} if kwargs is None else kwargs, queue=queue, priority=priority,
+            countdown=countdown, run_time=run_time, expire_time=expire_time, headers=headers,
+        )  # fmt: skip
+        if call.run_time is None:
+            request = _convert.enqueue_request(call, request_id)
+            with _rpc_errors():
+                response = await self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
+            return response.task_id
+        at_request = _convert.enqueue_at_request(call, request_id)
+        with _rpc_errors():
+            at_response = await self._stub.EnqueueAt(
+                at_request, timeout=self._timeout, metadata=self._metadata
+            )
+        return at_response.task_id
+
+    async def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str | None = None) -> list[str]:
         """Enqueue every task in one call, all or nothing; return their ids in order.
 
         InvalidArgument names the first invalid task (``tasks[3]: ...``); a repeated
         ``request_id`` returns the first batch's ids.
         """
         request = _convert.batch_request(tasks, request_id)
-        try:
+        with _rpc_errors():
             response = await self._stub.EnqueueBatch(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         return [task.task_id for task in response.tasks]
 
     async def status(self, task_id: str) -> Task:
         """The task as it is now. NotFound for an id the gateway never enqueued."""
         request = pb.GetStatusRequest(task_id=task_id)
-        try:
+        with _rpc_errors():
             response = await self._stub.GetStatus(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         return _convert.task_from_proto(response.task)
 
     async def progress(self, task_id: str, *, timeout: float | None = None) -> AsyncGenerator[Task, None]:
@@ -235,10 +259,9 @@ class AsyncClient:
         request = pb.StreamProgressRequest(task_id=task_id)
         call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
         try:
-            async for response in call:
-                yield _convert.task_from_proto(response.task)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            with _rpc_errors():
+                async for response in call:
+                    yield _convert.task_from_proto(response.task)
         finally:
             call.cancel()
 
@@ -300,70 +323,55 @@ class Client:
         """Close the channel; calls still running are cancelled."""
         self._channel.close()
 
-    def enqueue(
+    def enqueue(self, task_name: str, /, *args: Any, **kwargs: Any) -> str:
+        """As ``AsyncClient.enqueue``: every keyword argument goes to the task."""
+        return self.send_task(task_name, args, kwargs)
+
+    def enqueue_at(self, task_name: str, run_time: dt.datetime, /, *args: Any, **kwargs: Any) -> str:
+        """As ``AsyncClient.enqueue_at``: every keyword argument goes to the task."""
+        return self.send_task(task_name, args, kwargs, run_time=run_time)
+
+    def send_task(
         self,
         task_name: str,
-        /,
-        *args: Any,
-        queue: str = "",
-        request_id: str = "",
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
         priority: int | None = None,
         countdown: float | dt.timedelta | None = None,
+        run_time: dt.datetime | None = None,
         expire_time: dt.datetime | None = None,
         headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        request_id: str | None = None,
     ) -> str:
-        """As ``AsyncClient.enqueue``."""
-        request = _convert.enqueue_request(
-            task_name, args, kwargs, queue=queue, request_id=request_id, priority=priority,
-            countdown=countdown, expire_time=expire_time, headers=headers,
+        """As ``AsyncClient.send_task``: task arguments and options apart."""
+        call = TaskCall(
+            task_name, args, {} if kwargs is None else kwargs, queue=queue, priority=priority,
+            countdown=countdown, run_time=run_time, expire_time=expire_time, headers=headers,
         )  # fmt: skip
-        try:
-            response = self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return response.task_id
+        if call.run_time is None:
+            request = _convert.enqueue_request(call, request_id)
+            with _rpc_errors():
+                response = self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
+            return response.task_id
+        at_request = _convert.enqueue_at_request(call, request_id)
+        with _rpc_errors():
+            at_response = self._stub.EnqueueAt(at_request, timeout=self._timeout, metadata=self._metadata)
+        return at_response.task_id
 
-    def enqueue_at(
-        self,
-        task_name: str,
-        run_time: dt.datetime,
-        /,
-        *args: Any,
-        queue: str = "",
-        request_id: str = "",
-        priority: int | None = None,
-        expire_time: dt.datetime | None = None,
-        headers: Mapping[str, str] | None = None,
-        **kwargs: Any,
-    ) -> str:
-        """As ``AsyncClient.enqueue_at``."""
-        request = _convert.enqueue_at_request(
-            task_name, run_time, args, kwargs, queue=queue, request_id=request_id, priority=priority,
-            expire_time=expire_time, headers=headers,
-        )  # fmt: skip
-        try:
-            response = self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return response.task_id
-
-    def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str = "") -> list[str]:
+    def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str | None = None) -> list[str]:
         """As ``AsyncClient.enqueue_batch``."""
         request = _convert.batch_request(tasks, request_id)
-        try:
+        with _rpc_errors():
             response = self._stub.EnqueueBatch(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         return [task.task_id for task in response.tasks]
 
     def status(self, task_id: str) -> Task:
         """As ``AsyncClient.status``."""
         request = pb.GetStatusRequest(task_id=task_id)
-        try:
+        with _rpc_errors():
             response = self._stub.GetStatus(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
         return _convert.task_from_proto(response.task)
 
     def progress(self, task_id: str, *, timeout: float | None = None) -> Generator[Task, None, None]:
@@ -371,10 +379,9 @@ class Client:
         request = pb.StreamProgressRequest(task_id=task_id)
         call = self._stub.StreamProgress(request, timeout=timeout, metadata=self._metadata)
         try:
-            for response in call:
-                yield _convert.task_from_proto(response.task)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            with _rpc_errors():
+                for response in call:
+                    yield _convert.task_from_proto(response.task)
         finally:
             call.cancel()
 

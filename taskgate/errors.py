@@ -14,8 +14,9 @@
     ├── Internal                 INTERNAL, UNKNOWN, DATA_LOSS
     └── TaskFailed               OK                 the calls worked; the task ended FAILED or CANCELLED
 
-Any other status is a plain TaskgateError with that code. ``from_rpc_error`` is the one place
-that turns a gRPC error into one of these.
+Any other status is a plain TaskgateError with that code. ``from_rpc_error`` turns a gRPC error
+into one of these; the client calls it in one place, its ``_rpc_errors()`` context manager
+(``taskgate.client``), which wraps every call and every stream read.
 """
 
 from __future__ import annotations
