@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from service.api import convert
 from service.domain.errors import InvalidRequest
-from service.store.tasks import _any_json
+from service.store.rows import any_json as _any_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False) | st.text(),

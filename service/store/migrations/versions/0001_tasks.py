@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from service.store.tasks import JSONType, UTCDateTime
+from service.store.tables import JSONType, UTCDateTime
 
 revision = "0001"
 down_revision = None
