@@ -1,0 +1,1 @@
+"""An existing Celery application that taskgate fronts (see docs/workers.md)."""
