@@ -1,4 +1,10 @@
-"""The ``taskgate`` command line."""
+"""The ``taskgate`` command line.
+
+``serve`` and ``migrate`` exit with status 2 and one line on stderr when the database or
+Redis is missing or unreachable (``service.cli.startup``); the people-facing commands are in
+``service.cli.tasks``. ``--target`` (env ``TASKGATE_TARGET``) may come before or after the
+sub-command.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,15 @@ import asyncio
 import logging
 import sys
 
+from service.cli import startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
-from service.store.migrate import SchemaNotCurrent, upgrade
+from service.store.migrate import upgrade
 
 log = logging.getLogger("taskgate")
+
+#: Exit status when a dependency is missing or unreachable at start.
+CANNOT_START = 2
 
 
 def _setup_logging(level: str) -> None:
@@ -27,8 +37,18 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _cannot_start(command: str, message: str) -> int:
+    sys.stderr.write(f"taskgate {command}: {message}\n")
+    sys.stderr.flush()
+    return CANNOT_START
+
+
 def _serve(settings: Settings) -> int:
-    from service.api.server import serve
+    try:
+        asyncio.run(startup.preflight(settings))
+    except startup.StartupProblem as exc:
+        return _cannot_start("serve", str(exc))
+    from service.app import serve  # after the checks: it imports Celery, gRPC and the workers
 
     loop_factory = None
     if settings.event_loop == "uvloop":
@@ -38,14 +58,23 @@ def _serve(settings: Settings) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings))
-    except SchemaNotCurrent as exc:
-        log.error("%s", exc)
-        return 2
+    except Exception as exc:
+        message = startup.problem_of(exc, settings)
+        if message is None:
+            raise
+        return _cannot_start("serve", message)
     return 0
 
 
 def _migrate(settings: Settings) -> int:
-    upgrade(settings.database_url)
+    try:
+        startup.check_reachable(settings.database_url)
+        upgrade(settings.database_url)
+    except Exception as exc:
+        message = startup.problem_of(exc, settings)
+        if message is None:
+            raise
+        return _cannot_start("migrate", message)
     log.info("database schema is current")
     return 0
 
@@ -56,16 +85,22 @@ def _dev(settings: Settings) -> int:
     return run(settings)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``taskgate`` console script."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``taskgate`` argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="taskgate", description="gRPC front door to Celery")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands_for_people.add_global_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("serve", help="run the gRPC server (needs a migrated database)")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
     commands.add_parser("dev", help="run a private Redis, SQLite, one worker and the server until Ctrl-C")
     commands_for_people.add_parsers(commands)
-    args = parser.parse_args(argv)
-    if args.command in ("enqueue", "status", "watch"):
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``taskgate`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command in commands_for_people.COMMANDS:
         return commands_for_people.run(args)
     settings = Settings()
     _setup_logging(settings.log_level)
