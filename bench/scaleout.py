@@ -118,6 +118,7 @@ class _Context:
             self.redis.url,
             DATABASE_URL=self.db.url,
             TASKGATE_LISTEN=f"127.0.0.1:{self.port}",
+            TASKGATE_REUSE_PORT="1",
             TASKGATE_KEY_PREFIX=PREFIX,
             TASKGATE_SCHEDULE_HORIZON=str(HORIZON),
             **env,

@@ -22,6 +22,9 @@ class Settings(CelerySettings):
     )
     #: host:port the gRPC server listens on; port 0 picks a free one.
     listen: str = Field("127.0.0.1:50051", validation_alias=_env("TASKGATE_LISTEN", "listen"))
+    #: Let several processes listen on the same port (SO_REUSEPORT), for deliberate replicas
+    #: on one host. Off: a second server on a port in use fails with "address in use".
+    reuse_port: bool = Field(False, validation_alias=_env("TASKGATE_REUSE_PORT", "reuse_port"))
     #: Comma-separated task names to accept instead of the workers app's tasks.
     tasks: str = Field("", validation_alias=_env("TASKGATE_TASKS", "tasks"))
     #: The Celery app (``module:attribute``) whose registered tasks form the catalog.

@@ -24,7 +24,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from service.api.server import Runtime, build_server
+from service.api.server import build_server
+from service.app import Runtime
 from service.config import Settings
 from service.store.migrate import upgrade
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

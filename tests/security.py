@@ -21,7 +21,8 @@ from grpc import aio
 
 from service.api.auth import Authenticator, Security
 from service.api.limits import ServiceLimits
-from service.api.server import Runtime, build_server
+from service.api.server import build_server
+from service.app import Runtime
 from service.domain.callers import Callers
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

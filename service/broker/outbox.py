@@ -144,15 +144,12 @@ class Outbox:
                         await self._mark()
                         next_mark = loop.time() + self._mark_interval
                 except Unavailable as exc:
+                    # the fast path stays off and enqueues feel no backpressure while the
+                    # broker or the database is down; any other failure ends this run and
+                    # the supervisor starts it again (every task is still in the table)
                     self._backoff = min(max(self._backoff * 2, 1.0), 5.0)
                     next_poll = loop.time() + self._backoff
                     log.warning("outbox paused %.1fs: %s", self._backoff, exc)
-                except Exception:  # a background loop must outlive any one failure
-                    # every task is still in the table: the relay publishes what this pass
-                    # did not, after its lease; the traceback says why
-                    self._backoff = min(max(self._backoff * 2, 1.0), 5.0)
-                    next_poll = loop.time() + self._backoff
-                    log.exception("outbox pass failed; paused %.1fs", self._backoff)
         finally:
             with contextlib.suppress(Unavailable):
                 await self._mark()

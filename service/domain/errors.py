@@ -15,6 +15,7 @@
     └── Unavailable              UNAVAILABLE       a dependency is down; retry with backoff
         ├── DatabaseUnavailable
         ├── BrokerUnavailable
+        ├── ResultBackendUnavailable
         └── ShuttingDown
 
 The codes on the right are what callers see (``service/api/status.py``). Anything else is a
@@ -93,6 +94,10 @@ class DatabaseUnavailable(Unavailable):
 
 class BrokerUnavailable(Unavailable):
     """The Celery broker cannot be reached."""
+
+
+class ResultBackendUnavailable(Unavailable):
+    """The result backend (Redis: states, progress, the shared subscription) cannot be reached."""
 
 
 class ShuttingDown(Unavailable):

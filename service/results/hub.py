@@ -17,11 +17,12 @@ import datetime as dt
 import enum
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.domain.errors import ResultBackendUnavailable
 from service.domain.model import TaskUpdate
 from service.results.document import parse_payload
 from taskgate.worker.contract import meta_pattern
@@ -33,6 +34,15 @@ YIELD_EVERY = 32
 
 #: Redis CLIENT SETNAME prefix of the hub's connections (visible in CLIENT LIST).
 CLIENT_NAME = "taskgate-hub"
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Turn redis-py's connection failures into the domain's ``ResultBackendUnavailable``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise ResultBackendUnavailable(f"result backend unreachable: {type(exc).__name__}: {exc}") from exc
 
 
 class Signal(enum.Enum):
@@ -139,26 +149,14 @@ class ProgressHub:
         """Call ``callback`` after every (re)subscribe."""
         self._on_resubscribe.append(callback)
 
-    async def run(self) -> None:
-        """Keep the subscription up until cancelled, reconnecting with backoff."""
-        backoff = 0.2
-        while True:
-            try:
-                await self._listen()
-            except (RedisError, OSError) as exc:
-                self._ready.clear()
-                log.warning(
-                    "progress subscription lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a background loop must outlive any one failure
-                self._ready.clear()
-                log.exception("progress subscription failed; reconnecting in %.1fs", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.2
+    async def listen(self) -> None:
+        """One subscription session: returns or raises when it ends (run it supervised).
+
+        Raises:
+            ResultBackendUnavailable: Redis is unreachable or the connection dropped.
+        """
+        with redis_errors():
+            await self._listen()
 
     async def _listen(self) -> None:
         pubsub = self._subscriber.pubsub()
@@ -234,9 +232,10 @@ class ProgressHub:
         """The latest stored state of ``task_id`` in Redis, or None if it has no key.
 
         Raises:
-            RedisError, OSError: Redis is unreachable.
+            ResultBackendUnavailable: Redis is unreachable.
         """
-        payload = await self._client.get(f"{self._prefix}{task_id}")
+        with redis_errors():
+            payload = await self._client.get(f"{self._prefix}{task_id}")
         if payload is None:
             return None
         return parse_payload(task_id, payload, dt.datetime.now(dt.UTC))
@@ -245,7 +244,8 @@ class ProgressHub:
         """The latest stored states of several tasks (one MGET); missing keys are skipped."""
         if not task_ids:
             return []
-        payloads = await self._client.mget([f"{self._prefix}{task_id}" for task_id in task_ids])
+        with redis_errors():
+            payloads = await self._client.mget([f"{self._prefix}{task_id}" for task_id in task_ids])
         now = dt.datetime.now(dt.UTC)
         updates = []
         for task_id, payload in zip(task_ids, payloads, strict=True):
@@ -254,8 +254,9 @@ class ProgressHub:
         return updates
 
     async def ping(self) -> None:
-        """Raise unless Redis answers."""
-        await self._client.ping()
+        """Raise :class:`ResultBackendUnavailable` unless Redis answers."""
+        with redis_errors():
+            await self._client.ping()
 
     def begin_shutdown(self) -> None:
         """End every stream (they answer UNAVAILABLE so callers reconnect elsewhere)."""

@@ -13,8 +13,6 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from service.domain.errors import Unavailable
 from service.domain.model import TaskUpdate, merge_updates
 from service.store.tasks import TaskStore
@@ -58,27 +56,15 @@ class Recorder:
         """Re-read every unfinished task from Redis soon."""
         self._reconcile_now.set()
 
-    async def run(self) -> None:
-        """Write updates until cancelled."""
-        backoff = 0.0
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(self._flush_interval + backoff)
-            try:
-                await self.flush()
-                backoff = 0.0
-            except Unavailable:
-                backoff = min(max(backoff * 2, 0.5), 5.0)
-                log.warning(
-                    "recorder paused %.1fs: database unavailable (%d pending)", backoff, len(self._pending)
-                )
-            except Exception:  # a background loop must outlive any one failure
-                # flush() kept the batch: it is written on the next try (a deadlock victim,
-                # say); the traceback says what went wrong if it keeps failing
-                backoff = min(max(backoff * 2, 0.5), 5.0)
-                log.exception(
-                    "recorder: writing %d update(s) failed; retrying in %.1fs", len(self._pending), backoff
-                )
+    async def step(self) -> None:
+        """Wait for updates, then write them (one round; run it supervised).
+
+        When the write fails the batch stays pending (``flush`` puts it back) and is written
+        on the next round, after the supervisor's backoff.
+        """
+        await self._wake.wait()
+        await asyncio.sleep(self._flush_interval)
+        await self.flush()
 
     async def flush(self) -> None:
         """Write everything pending now."""
@@ -119,19 +105,14 @@ class Recorder:
             newer = self._pending.get(update.task_id)
             self._pending[update.task_id] = update if newer is None else merge_updates(update, newer)
 
-    async def reconcile_loop(self, hub: ProgressHub) -> None:
-        """Re-read unfinished tasks from Redis on request and every reconcile interval."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._reconcile_interval):
-                    await self._reconcile_now.wait()
-            self._reconcile_now.clear()
-            try:
-                await self.reconcile(hub)
-            except (Unavailable, RedisError, OSError) as exc:
-                log.warning("reconcile skipped: %s", type(exc).__name__)
-            except Exception:  # a background loop must outlive any one failure
-                log.exception("reconcile failed; trying again at the next interval")
+    async def reconcile_step(self, hub: ProgressHub) -> None:
+        """Wait for a request or the reconcile interval, then re-read unfinished tasks from
+        Redis (one round; run it supervised)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._reconcile_interval):
+                await self._reconcile_now.wait()
+        self._reconcile_now.clear()
+        await self.reconcile(hub)
 
     async def reconcile(self, hub: ProgressHub, limit: int = 1000) -> int:
         """One reconcile pass; returns how many updates it found.

@@ -8,8 +8,6 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from service.broker.outbox import Outbox
 from service.domain.callers import OPEN, Caller
 from service.domain.catalog import Catalog
@@ -18,6 +16,7 @@ from service.domain.errors import (
     InvalidTasks,
     LimitExceeded,
     PermissionDenied,
+    ResultBackendUnavailable,
     ShuttingDown,
     TaskNotFound,
     Unavailable,
@@ -283,7 +282,7 @@ class Gateway:
             return record
         try:
             update = await self._hub.snapshot(record.task_id)
-        except (RedisError, OSError) as exc:
+        except ResultBackendUnavailable as exc:
             log.debug("task_id=%s: Redis unreachable, answering from the database: %r", record.task_id, exc)
             return record
         if update is None:

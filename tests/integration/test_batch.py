@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from service.api.server import Runtime
+from service.app import Runtime
 from service.store.tasks import COPY_FROM, tasks
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

@@ -11,8 +11,9 @@ import grpc
 import pytest
 from grpc import aio
 
-from service.api.server import Runtime, build_server
+from service.api.server import build_server
 from service.api.status import INTERNAL_MESSAGE
+from service.app import Runtime
 from service.config import Settings
 from service.domain.catalog import Catalog
 from service.store.tasks import TaskStore

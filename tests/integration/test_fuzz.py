@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.api.server import Runtime
+from service.app import Runtime
 from service.results.hub import CLIENT_NAME
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

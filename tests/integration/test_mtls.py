@@ -9,7 +9,7 @@ import pytest
 from grpc import aio
 
 from service.api.auth import security_from_settings
-from service.api.server import Runtime
+from service.app import Runtime
 from service.config import Settings
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from service.api.server import Runtime
+from service.app import Runtime
 from tests.conftest import ROOT
 
 BUF = ROOT / "node_modules" / ".bin" / "buf"

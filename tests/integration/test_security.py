@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from service.api.auth import UNAUTHENTICATED_MESSAGE, Authenticator, Security, security_from_settings
 from service.api.limits import ServiceLimits
-from service.api.server import Runtime
+from service.app import Runtime
 from service.config import Settings
 from service.domain.callers import Callers
 from taskgate.v1 import task_service_pb2 as pb

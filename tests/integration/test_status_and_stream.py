@@ -15,7 +15,7 @@ import redis
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.api.server import Runtime
+from service.app import Runtime
 from service.domain.model import TaskState, TaskUpdate
 from service.results.hub import CLIENT_NAME
 from service.results.recorder import RECONCILE_CHUNK

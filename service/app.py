@@ -1,0 +1,193 @@
+"""The composition root: settings → adapters → use cases → gRPC server, and the loops they run.
+
+Nothing else wires layers together. ``Runtime.start`` builds the adapters (store, publisher,
+shared subscription, recorder, outbox), the use cases on top of them and every background
+loop (run by one :class:`~service.runtime.supervise.Supervisor`); ``serve`` adds the gRPC
+server and runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from grpc_health.v1 import health_pb2
+from sqlalchemy.engine import make_url
+
+from service.api.auth import StartupError, security_from_settings
+from service.api.health import HealthServicer
+from service.api.limits import ServiceLimits
+from service.api.server import SERVICE_NAME, build_server
+from service.broker.outbox import Outbox
+from service.broker.publisher import Publisher, publisher_for
+from service.config import Settings
+from service.domain.catalog import Catalog
+from service.results.hub import ProgressHub
+from service.results.recorder import Recorder
+from service.runtime.gcpolicy import GcPolicy
+from service.runtime.loopwatch import LoopWatch
+from service.runtime.supervise import Backoff, Supervisor
+from service.store.migrate import check_current
+from service.store.tasks import TaskStore
+from service.usecases.tasks import Gateway, Limits
+
+log = logging.getLogger(__name__)
+
+
+def _catalog(settings: Settings) -> Catalog:
+    if settings.task_names:
+        return Catalog.from_names(settings.task_names)
+    return Catalog.from_app(settings.workers_app)
+
+
+@dataclass
+class Runtime:
+    """Everything a running gateway owns, started and stopped together."""
+
+    settings: Settings
+    store: TaskStore
+    publisher: Publisher
+    hub: ProgressHub
+    recorder: Recorder
+    outbox: Outbox
+    gateway: Gateway
+    health: HealthServicer = field(default_factory=HealthServicer)
+    loops: Supervisor = field(default_factory=Supervisor)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        """Connect, check the schema, and start the background loops.
+
+        Raises:
+            SchemaNotCurrent: the database needs ``taskgate migrate``.
+        """
+        store = TaskStore.connect(settings.database_url, pool_size=settings.db_pool_size)
+        try:
+            await check_current(store.engine)
+        except BaseException:
+            await store.close()
+            raise
+        publisher = publisher_for(settings)
+        recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
+        hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
+        hub.on_resubscribe(recorder.request_reconcile)
+        outbox = Outbox(
+            store,
+            publisher,
+            lease=dt.timedelta(seconds=settings.publish_lease),
+            poll_interval=settings.outbox_poll_interval,
+        )
+        limits = Limits(
+            schedule_horizon=dt.timedelta(seconds=settings.schedule_horizon),
+            max_schedule=dt.timedelta(seconds=settings.max_schedule),
+        )
+        gateway = Gateway(store, _catalog(settings), outbox, hub, recorder, limits)
+        runtime = cls(settings, store, publisher, hub, recorder, outbox, gateway)
+        runtime._start_loops()
+        return runtime
+
+    def _start_loops(self) -> None:
+        loops, recorder = self.loops, self.recorder
+        loops.start("hub", self.hub.listen)
+        loops.start("recorder", recorder.step, backoff=Backoff(first=0.5))
+        loops.start("reconcile", lambda: recorder.reconcile_step(self.hub), backoff=Backoff(first=1.0))
+        loops.start("outbox", self.outbox.run, backoff=Backoff(first=1.0))
+        loops.start("health", self._health_step)
+
+    async def check_health(self) -> bool:
+        """True when the database, Redis and the broker all answer; any failure is logged."""
+        try:
+            await self.store.ping()
+            await self.hub.ping()
+            await self.publisher.aping()
+        except Exception as exc:  # noqa: BLE001 - any failure means NOT_SERVING, never a dead loop
+            log.warning("health: NOT_SERVING (%s: %s)", type(exc).__name__, exc)
+            return False
+        return True
+
+    async def _health_step(self) -> float:
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if await self.check_health() else statuses.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        return self.settings.health_interval
+
+    async def stop(self) -> None:
+        """Stop the loops, write what is pending, and close every connection."""
+        # cancelling the outbox mid-batch would leave published rows unmarked (and so
+        # published again by the relay): let it finish the batch in hand instead
+        self.outbox.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self.loops.task("outbox")), 15)
+        await self.loops.stop()
+        with contextlib.suppress(Exception):
+            await self.outbox.run_once()
+        with contextlib.suppress(Exception):
+            await self.recorder.flush()
+        await self.hub.close()
+        await self.publisher.aclose()
+        await self.store.close()
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and messages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show nothing of it
+        return "<unparsable URL>"
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then stop gracefully.
+
+    Exits with status 2 (SystemExit) when the security settings are unusable: a malformed
+    auth file, unreadable TLS files, or open mode on a non-loopback address. They are checked
+    before connecting anywhere; the log line names the file and the problem.
+    """
+    try:
+        security = security_from_settings(settings)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(2) from None
+    log.info("database %s", masked_url(settings.database_url))
+    runtime = await Runtime.start(settings)
+    watch = LoopWatch()  # stopped with the runtime's other loops
+    collector = GcPolicy(settings.gc_policy, quiet=lambda: runtime.hub.watcher_count == 0)
+    runtime.loops.start("loopwatch", watch.run)
+    runtime.loops.start("gc", collector.run)
+    try:
+        server, port = build_server(
+            runtime.gateway,
+            runtime.health,
+            settings.listen,
+            security=security,
+            limits=ServiceLimits.from_settings(settings),
+            reuse_port=settings.reuse_port,
+        )
+    except BaseException:
+        await runtime.stop()
+        raise
+    await server.start()
+    host = settings.listen.rsplit(":", 1)[0]
+    scheme = "TLS" if security.credentials is not None else "plaintext"
+    log.info("taskgate listening on %s:%d (%s)", host, port, scheme)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, watch.log_report)  # event-loop stall stats to the log
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: in-flight calls get %.0fs", settings.shutdown_grace)
+        await runtime.health.enter_graceful_shutdown()
+        runtime.hub.begin_shutdown()
+        await server.stop(settings.shutdown_grace)
+        await runtime.stop()
+        log.info("stopped")

@@ -1,0 +1,104 @@
+"""One way to run a background loop: log every failure, back off (bounded), go on.
+
+Every loop of a gateway process (the shared subscription, the recorder, the reconcile, the
+outbox, health, the loop watch, the GC policy) runs as ``supervise(name, step)`` inside one
+:class:`Supervisor`, which starts them together and cancels them together.
+
+``step`` is one round of the loop. It returns how many seconds to wait before the next round
+(``None`` or 0: go on at once). When it raises:
+
+- :class:`~service.domain.errors.Unavailable` (a dependency is down): one warning line, then
+  the next round after the backoff — the expected, self-healing case;
+- anything else: the traceback is logged, then the same backoff;
+- ``asyncio.CancelledError``: the loop ends (never swallowed).
+
+The backoff doubles from ``first`` up to ``cap`` seconds and resets after a round that
+returns normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from service.domain.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+#: One round of a loop: returns the seconds to wait before the next (None: no wait).
+Step = Callable[[], Awaitable[float | None]]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Seconds to wait after consecutive failures: ``first``, doubling, at most ``cap``."""
+
+    first: float = 0.2
+    cap: float = 5.0
+
+    def after(self, failures: int) -> float:
+        """The wait after the ``failures``-th consecutive failure (1-based)."""
+        return min(self.first * 2.0 ** (failures - 1), self.cap)
+
+
+async def supervise(name: str, step: Step, *, backoff: Backoff = Backoff()) -> None:
+    """Run ``step`` until cancelled, surviving any one failure of it.
+
+    Args:
+        name: What the loop is called in log lines.
+        step: One round of the loop (see the module docstring).
+        backoff: The waits after consecutive failures.
+    """
+    failures = 0
+    while True:
+        try:
+            delay = await step()
+        except Unavailable as exc:
+            failures += 1
+            wait = backoff.after(failures)
+            log.warning("%s paused %.1fs: %s", name, wait, exc)
+        except Exception:  # a background loop must outlive any one failure
+            failures += 1
+            wait = backoff.after(failures)
+            log.exception("%s failed; going on in %.1fs", name, wait)
+        else:
+            failures = 0
+            wait = delay or 0.0
+        if wait > 0:
+            await asyncio.sleep(wait)
+        elif failures == 0:
+            await asyncio.sleep(0)  # a step that never suspends must not starve the loop
+
+
+class Supervisor:
+    """Owns a process's background loops: started by name, cancelled together."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, step: Step, *, backoff: Backoff = Backoff()) -> None:
+        """Run ``supervise(name, step)`` as a task of this supervisor."""
+        if name in self._tasks:
+            raise ValueError(f"a loop named {name!r} is running already")
+        self._tasks[name] = asyncio.create_task(
+            supervise(name, step, backoff=backoff), name=f"taskgate-{name}"
+        )
+
+    def task(self, name: str) -> asyncio.Task[None]:
+        """The task running the loop ``name``."""
+        return self._tasks[name]
+
+    @property
+    def names(self) -> list[str]:
+        """The loops started so far, in order."""
+        return list(self._tasks)
+
+    async def stop(self) -> None:
+        """Cancel every loop and wait until each has ended."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
