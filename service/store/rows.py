@@ -145,17 +145,18 @@ def any_json(value: Any) -> str:
     except TypeError:
         text = json.dumps(value)
     if "\\u0000" in text:
-        return any_json(_without_nul(value))
+        return any_json(without_nul(value))
     return text
 
 
-def _without_nul(value: Any) -> Any:
+def without_nul(value: Any) -> Any:
+    """A JSON value with every U+0000 replaced by U+FFFD, as every database stores it."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [without_nul(item) for item in value]
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
     return value
 
 

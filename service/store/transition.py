@@ -23,7 +23,7 @@ from service.domain.model import (
     TaskUpdate,
     incoming,
 )
-from service.store.rows import any_json, column_value
+from service.store.rows import any_json, column_value, without_nul
 from service.store.tables import TERMINAL, UTCDateTime, tasks
 
 _SUCCEEDED = TaskState.SUCCEEDED.value
@@ -120,6 +120,8 @@ def update_values(update: TaskUpdate) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for rule in TRANSITION_RULES:
         new = incoming(update, rule.field)
+        if rule.field in _JSON_FIELDS and new is not None:
+            new = without_nul(column_value(new))  # as ``any_json`` does for PostgreSQL
         column = tasks.c[rule.field]
         if rule.take is Take.ALWAYS:
             values[rule.field] = update.state.value if rule.field == "state" else column_value(new)
