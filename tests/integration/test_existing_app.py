@@ -11,16 +11,21 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import redis
+from celery import Celery
 from grpc import aio
 
 from service.config import Settings
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+from taskgate.worker.contract import RedisKeys, common_conf
 from tests.conftest import ROOT, child_env, stop_process
 from tests.helpers import enqueue, value
 from tests.processes import GatewayProcess, start_gateway
@@ -103,3 +108,34 @@ async def test_catalog_is_the_apps_tasks(app_stub: pb_grpc.TaskServiceStub) -> N
         with pytest.raises(aio.AioRpcError) as caught:
             await enqueue(app_stub, name, *arguments)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _send_twice(settings: Settings, task_id: str) -> None:
+    sender = Celery("existing-app-test", set_as_current=False)
+    sender.conf.update(common_conf(settings), result_backend=None)
+    try:
+        for _ in range(2):
+            sender.send_task("reports.count", args=[1], kwargs={"interval": 0}, task_id=task_id)
+    finally:
+        sender.close()
+
+
+async def test_a_second_delivery_is_skipped(
+    app_settings: Settings, app_worker: Path, redis_client: redis.Redis
+) -> None:
+    task_id = f"twice-{uuid.uuid4().hex}"
+    await asyncio.to_thread(_send_twice, app_settings, task_id)
+    keys = RedisKeys(app_settings.key_prefix)
+
+    async def skipped() -> bool:
+        log = await asyncio.to_thread(app_worker.read_text, errors="replace")
+        return f"task_id={task_id} skipped" in log
+
+    def succeeded() -> bool:
+        return b'"SUCCESS"' in (redis_client.get(keys.task_meta(task_id)) or b"")
+
+    deadline = time.monotonic() + 60
+    while not (succeeded() and await skipped()):
+        assert time.monotonic() < deadline, "the task did not run exactly once"
+        await asyncio.sleep(0.2)
+    assert redis_client.exists(keys.run_claim(task_id, 0))

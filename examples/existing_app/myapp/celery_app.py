@@ -22,7 +22,6 @@ app = Celery(
 app.conf.update(
     task_acks_late=False,
     worker_prefetch_multiplier=4,
-    worker_hijack_root_logger=False,
 )
 
 configure(app)  # the one taskgate line
