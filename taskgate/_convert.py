@@ -209,6 +209,13 @@ def enqueue_at_request(call: TaskCall, request_id: str | None) -> pb.EnqueueAtRe
     return pb.EnqueueAtRequest(**_common_fields(call), run_time=run_time, request_id=request_id or "")
 
 
+def send_request(call: TaskCall, request_id: str | None) -> pb.EnqueueRequest | pb.EnqueueAtRequest:
+    """EnqueueAt's request for a ``call`` with a run_time, Enqueue's otherwise."""
+    if call.run_time is None:
+        return enqueue_request(call, request_id)
+    return enqueue_at_request(call, request_id)
+
+
 def _batch_task(call: TaskCall) -> pb.BatchTask:
     return pb.BatchTask(
         **_common_fields(call),

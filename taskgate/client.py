@@ -134,8 +134,8 @@ class AsyncClient:
         target: the gateway's address, ``host:port``.
         credentials: TLS channel credentials; None means a plaintext channel.
         metadata: key/value pairs sent with every call (for example an authorization header).
-        timeout: deadline in seconds for each unary call (enqueue, enqueue_at, status); None
-            means none. ``progress`` and ``wait`` have their own.
+        timeout: deadline in seconds for each unary call (the enqueue calls, send_task, status);
+            None means none. ``progress`` and ``wait`` have their own.
     """
 
     def __init__(
@@ -219,17 +219,13 @@ class AsyncClient:
             task_name, args, {} if kwargs is None else kwargs, queue=queue, priority=priority,
             countdown=countdown, run_time=run_time, expire_time=expire_time, headers=headers,
         )  # fmt: skip
-        if call.run_time is None:
-            request = _convert.enqueue_request(call, request_id)
-            with _rpc_errors():
-                response = await self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
-            return response.task_id
-        at_request = _convert.enqueue_at_request(call, request_id)
+        request = _convert.send_request(call, request_id)
         with _rpc_errors():
-            at_response = await self._stub.EnqueueAt(
-                at_request, timeout=self._timeout, metadata=self._metadata
-            )
-        return at_response.task_id
+            if isinstance(request, pb.EnqueueAtRequest):
+                return (
+                    await self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata)
+                ).task_id
+            return (await self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)).task_id
 
     async def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str | None = None) -> list[str]:
         """Enqueue every task in one call, all or nothing; return their ids in order.
@@ -350,15 +346,11 @@ class Client:
             task_name, args, {} if kwargs is None else kwargs, queue=queue, priority=priority,
             countdown=countdown, run_time=run_time, expire_time=expire_time, headers=headers,
         )  # fmt: skip
-        if call.run_time is None:
-            request = _convert.enqueue_request(call, request_id)
-            with _rpc_errors():
-                response = self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata)
-            return response.task_id
-        at_request = _convert.enqueue_at_request(call, request_id)
+        request = _convert.send_request(call, request_id)
         with _rpc_errors():
-            at_response = self._stub.EnqueueAt(at_request, timeout=self._timeout, metadata=self._metadata)
-        return at_response.task_id
+            if isinstance(request, pb.EnqueueAtRequest):
+                return self._stub.EnqueueAt(request, timeout=self._timeout, metadata=self._metadata).task_id
+            return self._stub.Enqueue(request, timeout=self._timeout, metadata=self._metadata).task_id
 
     def enqueue_batch(self, tasks: Sequence[TaskCall], *, request_id: str | None = None) -> list[str]:
         """As ``AsyncClient.enqueue_batch``."""

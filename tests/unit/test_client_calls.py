@@ -12,6 +12,7 @@ from taskgate import _convert
 from taskgate._convert import TaskCall
 from taskgate.adapter import TaskgateTaskQueue
 from taskgate.client import Client
+from taskgate.v1 import task_service_pb2 as pb
 
 OPTION_NAMES = {
     "queue": "q",
@@ -115,3 +116,8 @@ def test_adapter_refuses_a_kwarg_given_both_ways() -> None:
             queue.enqueue("demo.add", kwargs={"x": 1}, x=2)
         with pytest.raises(TypeError, match=r"\['y'\]"):
             queue.enqueue_at("demo.add", SOON, kwargs={"y": 1}, y=2)
+
+
+def test_send_request_picks_enqueue_at_for_a_run_time() -> None:
+    assert isinstance(_convert.send_request(TaskCall("demo.add"), None), pb.EnqueueRequest)
+    assert isinstance(_convert.send_request(TaskCall("demo.add", run_time=SOON), None), pb.EnqueueAtRequest)
