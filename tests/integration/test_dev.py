@@ -63,6 +63,7 @@ class DevProcess:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.output = bytearray()
+        self._reader = asyncio.create_task(self._read())
 
     @classmethod
     async def start(
@@ -76,19 +77,25 @@ class DevProcess:
         )  # fmt: skip
         dev = cls(process)
         try:
-            await dev._read_until_listening(timeout)
+            await dev.wait_for(_PORT, timeout)
         except BaseException:
             await dev.kill()
             raise
         return dev
 
-    async def _read_until_listening(self, timeout: float) -> None:
+    async def _read(self) -> None:
+        """Keep reading its output (a full pipe would block the worker's logging)."""
         assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            self.output.extend(line)
+
+    async def wait_for(self, pattern: re.Pattern[bytes], timeout: float = 60) -> re.Match[bytes]:
+        """The first match of ``pattern`` in its output, once it is printed."""
         async with asyncio.timeout(timeout):
-            while not _PORT.search(self.output):
-                line = await self.process.stdout.readline()
-                assert line, self.text()
-                self.output.extend(line)
+            while not (match := pattern.search(self.output)):
+                assert not self._reader.done(), self.text()
+                await asyncio.sleep(0.05)
+        return match
 
     def text(self) -> str:
         """Everything printed so far."""
@@ -120,10 +127,9 @@ class DevProcess:
     async def interrupt(self, timeout: float = 60) -> int:
         """Ctrl-C: SIGINT to the whole process group, as a terminal sends it; the exit status."""
         os.killpg(self.process.pid, signal.SIGINT)
-        rest, _ = await asyncio.wait_for(self.process.communicate(), timeout)
-        self.output.extend(rest)
-        assert self.process.returncode is not None
-        return self.process.returncode
+        async with asyncio.timeout(timeout):
+            await self._reader
+            return await self.process.wait()
 
     async def kill(self) -> None:
         """SIGKILL to the process group and the children it logged (cleanup after a failure)."""
@@ -134,6 +140,7 @@ class DevProcess:
         for pid in self.children().values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # each child leads a session of its own
+        await self._reader
 
     async def assert_nothing_left(self) -> None:
         """No child of it and nothing in its process group is alive."""
