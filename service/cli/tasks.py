@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 return _watch(client, args.task_id, args.timeout, console)
             return _enqueue(client, args, console, errors)
     except TimedOut as exc:
-        errors.print(f"[yellow]timed out[/yellow]: {escape(str(exc).removeprefix('timed out '))}")
+        errors.print(f"[yellow]{escape(str(exc))}[/yellow]")
         return TIMED_OUT
     except TaskgateError as exc:
         errors.print(f"[red]{exc.code.name}[/red]: {escape(exc.details)}")
