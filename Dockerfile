@@ -13,6 +13,11 @@
 # dependency ships manylinux wheels, so no compiler is needed: the build stage only keeps the
 # source tree and pip's build environment out of the final image.
 #
+# Dependencies come from requirements/runtime.txt, a lock with a hash for every file
+# (`make lock` writes it from both pyproject.toml files; CI fails if it is stale). The two
+# local distributions, the client (clients/python, name taskgate) and the server
+# (taskgate-server), are then installed with --no-deps, so nothing unpinned gets in.
+#
 # No HEALTHCHECK here on purpose: the same image also runs the worker, beat and migrate, which
 # do not serve gRPC, so an image-level gRPC check would mark them unhealthy. The gateway's
 # check lives in docker-compose.yml (a Python one-liner calling grpc.health.v1.Health/Check
@@ -31,16 +36,19 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies first (read from pyproject.toml), so editing the code does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt
+# Dependencies first (from the lock), so editing the code does not reinstall them.
+COPY requirements/runtime.txt /tmp/runtime.txt
+RUN pip install --no-cache-dir --require-hashes -r /tmp/runtime.txt
 
+# The client (its build backend, hatchling, comes from the index into pip's isolated build
+# environment, which stays in this stage), then the server.
+COPY pyproject.toml README.md ./
+COPY clients/python ./clients/python
 COPY taskgate ./taskgate
 COPY service ./service
 COPY workers ./workers
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps ./clients/python . \
+ && pip check \
  && taskgate --help > /dev/null
 
 # --------------------------------------------------------------------------- base

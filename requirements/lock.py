@@ -70,22 +70,27 @@ def write() -> None:
     compile_lock(LOCK)
 
 
+def stale(path: Path, old: str, new: str) -> bool:
+    """Prints a diff and returns True if ``old`` (the committed ``path``) differs from ``new``."""
+    if old == new:
+        return False
+    print(f"{path} is stale: run `make lock`", file=sys.stderr)
+    diff = difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(path), "expected")
+    sys.stderr.writelines(diff)
+    return True
+
+
 def check() -> int:
     """Returns 1 (after printing a diff) if runtime.in or runtime.txt is stale, else 0."""
-    current_input = (ROOT / INPUT).read_text() if (ROOT / INPUT).exists() else ""
-    if current_input != input_text():
-        print(f"{INPUT} is stale: run `make lock`", file=sys.stderr)
-        sys.stderr.writelines(difflib.unified_diff(current_input.splitlines(True), input_text().splitlines(True)))
+    committed = (ROOT / INPUT).read_text() if (ROOT / INPUT).exists() else ""
+    if stale(INPUT, committed, input_text()):
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp) / "runtime.txt"
         shutil.copyfile(ROOT / LOCK, fresh)
         compile_lock(fresh)
-        old, new = (ROOT / LOCK).read_text(), fresh.read_text()
-    if old != new:
-        print(f"{LOCK} is stale: run `make lock`", file=sys.stderr)
-        sys.stderr.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(LOCK), "fresh"))
-        return 1
+        if stale(LOCK, (ROOT / LOCK).read_text(), fresh.read_text()):
+            return 1
     print(f"{LOCK} is current")
     return 0
 
