@@ -13,6 +13,8 @@ import asyncio
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from service.cli import startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
@@ -102,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in commands_for_people.COMMANDS:
         return commands_for_people.run(args)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _cannot_start(args.command, f"unusable settings: {problems}")
     _setup_logging(settings.log_level)
     handlers = {"serve": _serve, "migrate": _migrate, "dev": _dev}
     return handlers[args.command](settings)

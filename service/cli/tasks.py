@@ -70,12 +70,14 @@ def _add_enqueue(commands: Any, common: argparse.ArgumentParser) -> None:
         "enqueue",
         parents=[common],
         help="enqueue a task",
-        description="Enqueue a task and print its id. Arguments and keyword arguments always go to "
-        "the task; --queue, --priority, --countdown, --at and --expires are the options of the call.",
-        epilog=f"examples: taskgate enqueue demo.add 2 3 --wait; "
-        f'taskgate enqueue demo.add --kwargs \'{{"x": 2, "y": 3}}\' --at +3600; '
-        f"taskgate enqueue demo.add --args @args.json --at {example}; "
-        f'echo \'{{"x": 2, "y": 3}}\' | taskgate enqueue demo.add --kwargs -',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Enqueue a task and print its id.\n\nArguments and keyword arguments always go to the "
+        "task;\n--queue, --priority, --countdown, --at and --expires are the options of the call.",
+        epilog="examples:\n"
+        "  taskgate enqueue demo.add 2 3 --wait\n"
+        '  taskgate enqueue demo.add --kwargs \'{"x": 2, "y": 3}\' --at +3600\n'
+        f"  taskgate enqueue demo.add --args @args.json --at {example} --expires 3d\n"
+        '  echo \'{"x": 2, "y": 3}\' | taskgate enqueue demo.add --kwargs -',
     )
     enqueue.add_argument("name", help="task name, e.g. demo.add")
     enqueue.add_argument(
