@@ -73,7 +73,7 @@ def _migrate(settings: Settings) -> int:
         startup.check_reachable(settings.database_url)
         upgrade(settings.database_url)
     except Exception as exc:
-        message = startup.problem_of(exc, settings)
+        message = startup.problem_of(exc, settings, serving=False)
         if message is None:
             raise
         return _cannot_start("migrate", message)

@@ -92,12 +92,18 @@ def database_problem(exc: BaseException, url: str) -> str | None:
     return None
 
 
-def problem_of(exc: BaseException, settings: Settings) -> str | None:
-    """The one-line message for a failure of ``taskgate serve``, or None (a bug)."""
+def problem_of(exc: BaseException, settings: Settings, *, serving: bool = True) -> str | None:
+    """The one-line message for a failure of ``taskgate serve`` (or ``migrate``), or None (a bug).
+
+    While serving, a bare OSError may be the listening socket rather than the database: it is
+    shown as it is. For ``migrate`` (``serving=False``) every OSError is the database's.
+    """
     if isinstance(exc, BrokerUnavailable):
         return f"cannot connect to {redis_endpoint(settings.broker_url)} (CELERY_BROKER_URL): {_reason(exc)}"
     if isinstance(exc, StartupProblem):
         return str(exc)
+    if serving and isinstance(exc, OSError):
+        return f"cannot start: {_first_line(exc)}"
     return database_problem(exc, settings.database_url)
 
 
