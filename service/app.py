@@ -95,7 +95,8 @@ class Runtime:
         loops.start("hub", self.hub.listen)
         loops.start("recorder", recorder.step, backoff=Backoff(first=0.5))
         loops.start("reconcile", lambda: recorder.reconcile_step(self.hub), backoff=Backoff(first=1.0))
-        loops.start("outbox", self.outbox.run, backoff=Backoff(first=1.0))
+        outbox = self.outbox
+        loops.start("outbox", outbox.run, backoff=Backoff(first=1.0), until=lambda: outbox.stopping)
         loops.start("health", self._health_step)
 
     async def check_health(self) -> bool:

@@ -46,3 +46,9 @@ def record(self: Any, tag: str) -> str:
     """
     self.backend.client.rpush(f"{settings.key_prefix}taskgate-demo-runs", f"{tag}|{self.request.id}")
     return tag
+
+
+@app.task(name="demo.echo")
+def echo(**kwargs: Any) -> dict[str, Any]:
+    """Return the keyword arguments it was called with (kwargs named like enqueue options, too)."""
+    return kwargs

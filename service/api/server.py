@@ -65,11 +65,14 @@ def build_server(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     names = (SERVICE_NAME, health_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    if security.credentials is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, security.credentials)
+    hint = "" if reuse_port else " (address in use? TASKGATE_REUSE_PORT=1 lets replicas share a port)"
+    try:
+        if security.credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, security.credentials)
+    except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...")
+        raise OSError(f"cannot listen on {listen}{hint}") from exc
     if port == 0:
-        hint = "" if reuse_port else " (address in use? TASKGATE_REUSE_PORT=1 lets replicas share a port)"
         raise OSError(f"cannot listen on {listen}{hint}")
     return server, port

@@ -104,6 +104,11 @@ class Outbox:
             self._pending.extend(deliveries[:room])
             self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once ``request_stop`` was called: ``run`` returns after the batch in hand."""
+        return self._stopping
+
     def request_stop(self) -> None:
         """Let ``run`` return after the batch in hand is published and marked."""
         self._stopping = True

@@ -43,16 +43,20 @@ class Backoff:
         return min(self.first * 2.0 ** (failures - 1), self.cap)
 
 
-async def supervise(name: str, step: Step, *, backoff: Backoff = Backoff()) -> None:
-    """Run ``step`` until cancelled, surviving any one failure of it.
+async def supervise(
+    name: str, step: Step, *, backoff: Backoff = Backoff(), until: Callable[[], bool] | None = None
+) -> None:
+    """Run ``step`` until cancelled (or ``until()`` is true after a round), surviving any
+    one failure of it.
 
     Args:
         name: What the loop is called in log lines.
         step: One round of the loop (see the module docstring).
         backoff: The waits after consecutive failures.
+        until: Asked after each round; True ends the loop (a graceful stop).
     """
     failures = 0
-    while True:
+    while until is None or not until():
         try:
             delay = await step()
         except Unavailable as exc:
@@ -78,13 +82,14 @@ class Supervisor:
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, step: Step, *, backoff: Backoff = Backoff()) -> None:
-        """Run ``supervise(name, step)`` as a task of this supervisor."""
+    def start(
+        self, name: str, step: Step, *, backoff: Backoff = Backoff(), until: Callable[[], bool] | None = None
+    ) -> None:
+        """Run ``supervise(name, step, backoff=backoff, until=until)`` as a task of this supervisor."""
         if name in self._tasks:
             raise ValueError(f"a loop named {name!r} is running already")
-        self._tasks[name] = asyncio.create_task(
-            supervise(name, step, backoff=backoff), name=f"taskgate-{name}"
-        )
+        loop = supervise(name, step, backoff=backoff, until=until)
+        self._tasks[name] = asyncio.create_task(loop, name=f"taskgate-{name}")
 
     def task(self, name: str) -> asyncio.Task[None]:
         """The task running the loop ``name``."""
@@ -95,10 +100,18 @@ class Supervisor:
         """The loops started so far, in order."""
         return list(self._tasks)
 
-    async def stop(self) -> None:
-        """Cancel every loop and wait until each has ended."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Cancel every loop and wait (at most ``timeout`` seconds) until each has ended.
+
+        A loop still running after that is logged by name and left behind: stopping the
+        process must not hang on one driver's clean-up.
+        """
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            log.warning("%s did not stop within %.0fs; left behind", task.get_name(), timeout)
