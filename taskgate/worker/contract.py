@@ -67,6 +67,17 @@ def meta_pattern(meta_prefix: str) -> str:
 
 
 @dataclass(frozen=True)
+#: The Redis Stream of worker-written states (see ``RedisKeys.state_feed``).
+STATE_FEED = "taskgate-states"
+#: The consumer group of the gateways of one deployment on the state feed.
+STATE_FEED_GROUP = "taskgate-gateways"
+#: The feed keeps about this many entries (XADD ... MAXLEN ~): what a gateway down for
+#: longer than that many state changes finds only through its reconcile.
+STATE_FEED_MAXLEN = 1_000_000
+#: Prefix of the per-worker heartbeat keys (see ``RedisKeys.worker_heartbeat``).
+WORKER_HEARTBEAT_PREFIX = "taskgate-worker-"
+
+
 class RedisKeys:
     """Every Redis key and channel name of one deployment (one key prefix)."""
 
@@ -94,6 +105,18 @@ class RedisKeys:
     def run_claim(self, task_id: str, retries: int) -> str:
         """The key that records a run of ``task_id`` at attempt ``retries``."""
         return f"{self.prefix}{RUN_CLAIM_PREFIX}{task_id}-{retries}"
+
+    @property
+    def state_feed(self) -> str:
+        """The Redis Stream every state a taskgate worker writes is also appended to (the
+        durable feed the gateway consumes with a consumer group and acknowledges after its
+        database write)."""
+        return f"{self.prefix}{STATE_FEED}"
+
+    def worker_heartbeat(self, hostname: str) -> str:
+        """The key a live worker (Celery node name ``hostname``) keeps refreshing; gone = the
+        worker stopped heartbeating."""
+        return f"{self.prefix}{WORKER_HEARTBEAT_PREFIX}{hostname}"
 
     def queue_binding(self, queue: str) -> str:
         """kombu's binding set of the exchange named like ``queue`` (the direct default)."""
