@@ -66,7 +66,6 @@ def meta_pattern(meta_prefix: str) -> str:
     return f"{meta_prefix}*"
 
 
-@dataclass(frozen=True)
 #: The Redis Stream of worker-written states (see ``RedisKeys.state_feed``).
 STATE_FEED = "taskgate-states"
 #: The consumer group of the gateways of one deployment on the state feed.
@@ -78,6 +77,7 @@ STATE_FEED_MAXLEN = 1_000_000
 WORKER_HEARTBEAT_PREFIX = "taskgate-worker-"
 
 
+@dataclass(frozen=True)
 class RedisKeys:
     """Every Redis key and channel name of one deployment (one key prefix)."""
 
