@@ -20,13 +20,14 @@ import bisect
 import datetime as dt
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from service.domain.model import Delivery, new_uuid
+from service.domain.model import Delivery
 from taskgate.worker.contract import KOMBU_BINDING_PERMANENT_PREFIX, KOMBU_BINDING_PREFIX
 
 #: kombu's separator between a queue name and its priority step.
@@ -48,7 +49,7 @@ class RedisLayout:
     sep: str = PRIORITY_SEP
     default_queue: str = DEFAULT_QUEUE
     #: Celery's reply_to for this process (unused without a result backend, but always set).
-    reply_to: str = field(default_factory=new_uuid)
+    reply_to: str = field(default_factory=lambda: str(uuid.uuid4()))
     origin: str = field(default_factory=lambda: f"gen{os.getpid()}@{socket.gethostname()}")
 
     def queue_name(self, delivery: Delivery) -> str:
@@ -126,7 +127,7 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
     properties["delivery_info"] = {"exchange": "", "routing_key": layout.queue_name(delivery)}
     properties["priority"] = delivery.priority or 0
     properties["body_encoding"] = "base64"
-    properties["delivery_tag"] = new_uuid()
+    properties["delivery_tag"] = str(uuid.uuid4())
     message = {
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",

@@ -6,19 +6,9 @@ import dataclasses
 import enum
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-
-def new_uuid() -> str:
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` but about 3x cheaper."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class TaskState(enum.StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from service.domain.errors import (
     TaskNotFound,
     Unavailable,
 )
-from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, apply_update, new_uuid
+from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
 from service.results.hub import ProgressHub, Signal
 from service.results.recorder import Recorder
 from service.store.tasks import NewTask, TaskStore
@@ -165,7 +166,7 @@ class Gateway:
             raise InvalidRequest("expire_time must be in the future and after the run time")
         state = TaskState.SCHEDULED if run_time > now else TaskState.QUEUED
         delivery = Delivery(
-            task_id=new_uuid(),
+            task_id=str(uuid.uuid4()),
             task_name=spec.task_name,
             args=spec.args,
             kwargs=spec.kwargs,
