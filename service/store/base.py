@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from service.domain.model import Delivery, TaskRecord, TaskUpdate
 from service.store.rows import NewTask
+
+
+class ActiveKey(NamedTuple):
+    """Where an unfinished task stands in the reconcile's order (``active_page``'s keyset)."""
+
+    #: When the task's record last changed.
+    update_time: dt.datetime
+    #: The task; breaks ties between equal ``update_time`` values.
+    task_id: str
 
 
 class TaskStorePort(Protocol):
@@ -48,3 +57,10 @@ class TaskStorePort(Protocol):
 
     async def active_ids(self, limit: int) -> list[str]:
         """Ids of published, unfinished tasks, least recently updated first."""
+
+    async def active_page(
+        self, after: ActiveKey | None, limit: int, *, updated_before: dt.datetime
+    ) -> list[ActiveKey]:
+        """Up to ``limit`` published, unfinished tasks last updated no later than
+        ``updated_before``, in ``(update_time, task_id)`` order, after ``after`` (None: from
+        the first); pass the last key of a page to get the next."""

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from service.domain.errors import RequestIdConflict
 from service.domain.model import Delivery, TaskRecord, TaskUpdate
 from service.store import postgres
+from service.store.base import ActiveKey
 from service.store.errors import connecting, statement_errors, unavailable
 from service.store.group_commit import GroupCommit
 from service.store.postgres import COPY_FROM
@@ -353,3 +354,26 @@ class TaskStore:
                 .limit(limit)
             )
             return list((await conn.execute(query)).scalars())
+
+    async def active_page(
+        self, after: ActiveKey | None, limit: int, *, updated_before: dt.datetime
+    ) -> list[ActiveKey]:
+        """Published tasks not yet terminal, in ``(update_time, task_id)`` order, from just
+        after ``after``: one page of a keyset walk over every unfinished task.
+
+        Only tasks last updated no later than ``updated_before`` are listed: a walk that
+        passes the time it started at every page ends, whatever is being updated meanwhile
+        (a task updated during the walk was just heard of; it moves past that bound). The
+        partial index ``ix_tasks_active`` serves it: a page reads its own rows, not the ones
+        before it, and never a finished task.
+        """
+        updated = tasks.c.update_time
+        where = [tasks.c.state.notin_(TERMINAL), tasks.c.publish_time.isnot(None), updated <= updated_before]
+        if after is not None:
+            later = sa.or_(updated > after.update_time, tasks.c.task_id > after.task_id)
+            where += [updated >= after.update_time, later]
+        query = (
+            sa.select(updated, tasks.c.task_id).where(*where).order_by(updated, tasks.c.task_id).limit(limit)
+        )
+        async with self._begin() as conn:
+            return [ActiveKey(row.update_time, row.task_id) for row in await conn.execute(query)]

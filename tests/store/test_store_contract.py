@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from service.domain.errors import RequestIdConflict
 from service.domain.model import Progress, TaskError, TaskState, TaskUpdate
+from service.store.base import ActiveKey
 from service.store.errors import StatementRejected
 from service.store.postgres import COPY_FROM
 from service.store.tasks import TaskStore, tasks
@@ -186,6 +187,34 @@ async def test_active_ids(store: TaskStore) -> None:
     ])  # fmt: skip
     assert await store.active_ids(10) == [news[1].task_id, news[0].task_id]
     assert await store.active_ids(1) == [news[1].task_id]
+
+
+async def test_active_page_walks_every_unfinished_task(store: TaskStore) -> None:
+    news = [new_task(task_id=f"t{i}") for i in range(7)]
+    await store.insert_batch(news)
+    await store.mark_published([n.task_id for n in news[:6]], T0)  # t6: not published
+    await store.apply_updates([
+        TaskUpdate("t0", TaskState.RUNNING, at(20)),
+        TaskUpdate("t1", TaskState.RUNNING, at(10)),
+        TaskUpdate("t2", TaskState.SUCCEEDED, at(5)),
+        TaskUpdate("t3", TaskState.RUNNING, at(10)),  # the same time as t1: task_id breaks the tie
+        TaskUpdate("t4", TaskState.RUNNING, at(10)),
+        TaskUpdate("t5", TaskState.RUNNING, at(99)),  # after the walk's bound
+    ])  # fmt: skip
+    walked: list[ActiveKey] = []
+    after: ActiveKey | None = None
+    while page := await store.active_page(after, 2, updated_before=at(30)):
+        assert len(page) <= 2
+        walked += page
+        after = page[-1]
+    assert walked == [
+        ActiveKey(at(10), "t1"),
+        ActiveKey(at(10), "t3"),
+        ActiveKey(at(10), "t4"),
+        ActiveKey(at(20), "t0"),
+    ]
+    assert await store.active_page(None, 10, updated_before=at(99)) == [*walked, ActiveKey(at(99), "t5")]
+    assert await store.active_page(walked[-1], 10, updated_before=at(30)) == []
 
 
 async def test_a_refused_statement_is_isolated(store: TaskStore) -> None:
