@@ -115,7 +115,9 @@ def _no_nul(text: str) -> str:
 
 
 def _too_deep(max_depth: int) -> InvalidRequest:
-    return InvalidRequest(f"args or kwargs are nested deeper than the limit (max_args_depth) of {max_depth}")
+    return InvalidRequest(
+        f"args or kwargs are nested deeper than {max_depth} levels (TASKGATE_MAX_ARGS_DEPTH)"
+    )
 
 
 def jsonable(value: Any) -> Any:
@@ -195,7 +197,7 @@ def _check_size(request: _TaskRequest, limits: InputLimits) -> None:
     if size > limits.max_args_bytes:
         raise InvalidRequest(
             f"args and kwargs are {size} bytes serialized; "
-            f"the limit (max_args_bytes) is {limits.max_args_bytes}"
+            f"the limit is {limits.max_args_bytes} (TASKGATE_MAX_ARGS_BYTES)"
         )
 
 

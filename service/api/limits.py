@@ -118,10 +118,14 @@ class StreamSlots:
             LimitExceeded: the process or the caller already has the most streams allowed.
         """
         if self._count >= self._total:
-            raise LimitExceeded(f"open streams limit ({self._total} per server) reached; retry later")
+            raise LimitExceeded(
+                f"open streams limit reached: {self._total} per server (TASKGATE_MAX_STREAMS); retry later"
+            )
         held = self._open.get(caller.name, 0)
         if caller.name and held >= self._per_caller:
-            raise LimitExceeded(f"open streams limit ({self._per_caller} per caller) reached")
+            raise LimitExceeded(
+                f"open streams limit reached: {self._per_caller} per caller (TASKGATE_MAX_STREAMS_PER_CALLER)"
+            )
         self._open[caller.name] = held + 1
         self._count += 1
         try:

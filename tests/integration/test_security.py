@@ -249,7 +249,7 @@ async def test_open_streams_per_caller_limit(runtime: Runtime, auth_file: Path) 
         with pytest.raises(aio.AioRpcError) as caught:
             await third.read()
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "per caller" in (caught.value.details() or "")
+        assert "2 per caller (TASKGATE_MAX_STREAMS_PER_CALLER)" in (caught.value.details() or "")
         reader = stub.StreamProgress(request, metadata=bearer("reader"))
         assert isinstance(await reader.read(), pb.StreamProgressResponse)
         for stream in (*streams, reader):
@@ -264,7 +264,8 @@ async def test_request_limits_name_the_limit(channel: aio.Channel) -> None:
     stub = pb_grpc.TaskServiceStub(channel)
     big_args = pb.EnqueueRequest(task_name="demo.add", args=args("x" * 300_000, 1))
     error = await refused(stub.Enqueue(big_args, metadata=bearer("billing")))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_args_bytes" in (error.details() or "")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "; the limit is 262144 (TASKGATE_MAX_ARGS_BYTES)" in (error.details() or "")
     deep: list[object] = [1]
     for _ in range(40):
         deep = [deep]
@@ -273,7 +274,8 @@ async def test_request_limits_name_the_limit(channel: aio.Channel) -> None:
     error = await refused(
         stub.Enqueue(pb.EnqueueRequest(task_name="demo.add", args=args(deep, 1)), metadata=bearer("billing"))
     )
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_args_depth" in (error.details() or "")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nested deeper than 32 levels (TASKGATE_MAX_ARGS_DEPTH)" in (error.details() or "")
     too_big = pb.EnqueueRequest(task_name="demo.add", args=args("x" * (1024 * 1024 + 1), 1))
     error = await refused(stub.Enqueue(too_big, metadata=bearer("billing")))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
