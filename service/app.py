@@ -26,6 +26,7 @@ from service.broker.outbox import Outbox
 from service.broker.publisher import Publisher, publisher_for
 from service.config import Settings
 from service.domain.catalog import Catalog
+from service.results.feed import StateFeed
 from service.results.hub import ProgressHub
 from service.results.recorder import Recorder
 from service.runtime.gcpolicy import GcPolicy
@@ -57,6 +58,7 @@ class Runtime:
     gateway: Gateway
     health: HealthServicer = field(default_factory=HealthServicer)
     loops: Supervisor = field(default_factory=Supervisor)
+    feed: StateFeed | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -98,6 +100,19 @@ class Runtime:
         outbox = self.outbox
         loops.start("outbox", outbox.run, backoff=Backoff(first=1.0), until=lambda: outbox.stopping)
         loops.start("health", self._health_step)
+        if self.settings.state_feed:
+            self._start_feed()
+
+    def _start_feed(self) -> None:
+        settings = self.settings
+        self.feed = StateFeed(
+            settings.result_backend,
+            settings.keys.state_feed,
+            self.store,
+            self.hub,
+            claim_idle=settings.state_feed_claim_idle,
+        )
+        self.loops.start("feed", self.feed.step, backoff=Backoff(first=0.5))
 
     async def check_health(self) -> bool:
         """True when the database, Redis and the broker all answer; any failure is logged."""
@@ -130,6 +145,8 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.recorder.flush()
         await self.hub.close()
+        if self.feed is not None:
+            await self.feed.close()
         await self.publisher.aclose()
         await self.store.close()
 

@@ -47,6 +47,14 @@ class Settings(CelerySettings):
     reconcile_interval: float = Field(
         30.0, gt=0, validation_alias=_env("TASKGATE_RECONCILE_INTERVAL", "reconcile_interval")
     )
+    #: Consume the workers' durable state feed (a Redis Stream; see service/results/feed.py).
+    #: Default on; off leaves pub/sub and the reconcile (results expire, so states can be lost).
+    state_feed: bool = Field(True, validation_alias=_env("TASKGATE_STATE_FEED", "state_feed"))
+    #: Seconds an entry of the state feed read by a gateway may stay unacknowledged before
+    #: another gateway takes it over (that one died, or is stuck). Default 60.
+    state_feed_claim_idle: float = Field(
+        60.0, gt=0, validation_alias=_env("TASKGATE_STATE_FEED_CLAIM_IDLE", "state_feed_claim_idle")
+    )
     #: Database connection pool size.
     db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
     #: Seconds in-flight calls get to finish on SIGTERM.

@@ -203,7 +203,12 @@ class ProgressHub:
         if update is None:
             return
         self._on_update(update)
-        for inbox in self._inboxes.get(task_id, ()):
+        self.deliver(update)
+
+    def deliver(self, update: TaskUpdate) -> None:
+        """Hand ``update`` to the inboxes of the streams watching its task (nothing else: it is
+        not recorded again). For updates that reach the gateway another way (the state feed)."""
+        for inbox in self._inboxes.get(update.task_id, ()):
             inbox.put(update)
 
     def register(self, task_id: str) -> Inbox:
