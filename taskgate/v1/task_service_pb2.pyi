@@ -103,6 +103,8 @@ class EnqueueRequest(_message.Message):
     COUNTDOWN_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     """The registered Celery task name, for example "demo.add". Required; must be
     in the gateway's catalog.
@@ -150,6 +152,21 @@ class EnqueueRequest(_message.Message):
         Empty means none.
         """
 
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
+        """Hard time limit: a worker running the task longer than this kills it, and
+        the task ends FAILED with error type "TimeLimitExceeded" (needs Celery's
+        prefork pool). Absent or zero means the worker's default (none unless
+        configured). Must not be negative.
+        """
+
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
+        """Soft time limit: past it the task gets a SoftTimeLimitExceeded exception it
+        may catch to clean up. Absent or zero means the worker's default. Must not
+        be negative, nor longer than time_limit when both are set.
+        """
+
     def __init__(
         self,
         *,
@@ -162,10 +179,12 @@ class EnqueueRequest(_message.Message):
         countdown: _duration_pb2.Duration | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "soft_time_limit", b"soft_time_limit", "task_name", b"task_name", "time_limit", b"time_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
@@ -244,6 +263,8 @@ class EnqueueAtRequest(_message.Message):
     RUN_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     """The registered Celery task name. Required; must be in the catalog."""
     queue: _builtins.str
@@ -279,6 +300,18 @@ class EnqueueAtRequest(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra Celery message headers. Empty means none."""
 
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
+        """Hard time limit, as EnqueueRequest.time_limit. Absent means the worker's
+        default.
+        """
+
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
+        """Soft time limit, as EnqueueRequest.soft_time_limit. Absent means the
+        worker's default.
+        """
+
     def __init__(
         self,
         *,
@@ -291,10 +324,12 @@ class EnqueueAtRequest(_message.Message):
         run_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "run_time", b"run_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "run_time", b"run_time", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "run_time", b"run_time", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "request_id", b"request_id", "run_time", b"run_time", "soft_time_limit", b"soft_time_limit", "task_name", b"task_name", "time_limit", b"time_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
@@ -407,6 +442,8 @@ class BatchTask(_message.Message):
     RUN_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     """The registered Celery task name. Required; must be in the catalog."""
     queue: _builtins.str
@@ -445,6 +482,18 @@ class BatchTask(_message.Message):
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra Celery message headers. Empty means none."""
 
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
+        """Hard time limit, as EnqueueRequest.time_limit. Absent means the worker's
+        default.
+        """
+
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
+        """Soft time limit, as EnqueueRequest.soft_time_limit. Absent means the
+        worker's default.
+        """
+
     def __init__(
         self,
         *,
@@ -457,10 +506,12 @@ class BatchTask(_message.Message):
         run_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "run_time", b"run_time", "schedule", b"schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "kwargs", b"kwargs", "priority", b"priority", "run_time", b"run_time", "schedule", b"schedule", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "run_time", b"run_time", "schedule", b"schedule", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "countdown", b"countdown", "expire_time", b"expire_time", "headers", b"headers", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "run_time", b"run_time", "schedule", b"schedule", "soft_time_limit", b"soft_time_limit", "task_name", b"task_name", "time_limit", b"time_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
@@ -643,6 +694,7 @@ class Task(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id (a UUID string)."""
     task_name: _builtins.str
@@ -655,6 +707,11 @@ class Task(_message.Message):
     """The queue it was sent to. Empty means the task's default route."""
     request_id: _builtins.str
     """The request_id given at enqueue time. Empty means none was given."""
+    cancel_requested: _builtins.bool
+    """True once CancelTask was called for the task (whatever its state then). A
+    running task with cancel_requested stops at its next cancellation
+    checkpoint; one that finishes first keeps its true end state.
+    """
     @_builtins.property
     def progress(self) -> Global___Progress:
         """The latest progress the task reported. Unset until it reports any."""
@@ -711,14 +768,211 @@ class Task(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
+        cancel_requested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "result", b"result", "run_time", b"run_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queue", b"queue", "request_id", b"request_id", "result", b"result", "retries", b"retries", "run_time", b"run_time", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "task_name", b"task_name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queue", b"queue", "request_id", b"request_id", "result", b"result", "retries", b"retries", "run_time", b"run_time", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "task_name", b"task_name", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class CancelTaskRequest(_message.Message):
+    """CancelTaskRequest names the task to cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TERMINATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task id returned by Enqueue, EnqueueAt or EnqueueBatch. Required."""
+    terminate: _builtins.bool
+    """True: a running task's worker process is signalled (Celery's revoke with
+    terminate; needs the prefork pool) instead of waiting for the task's next
+    cancellation checkpoint. False (the default): cooperative cancellation.
+    """
+    reason: _builtins.str
+    """Why the task is cancelled, at most 255 characters; written to the audit log
+    and the worker's log. Empty means no reason given.
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        terminate: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id", "terminate", b"terminate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTaskRequest: _TypeAlias = CancelTaskRequest  # noqa: Y015
+
+@_typing.final
+class CancelTaskResponse(_message.Message):
+    """CancelTaskResponse carries the task after the cancel request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task as it is now: CANCELLED when it was not running yet; otherwise
+        its current state with cancel_requested set, or unchanged when it had
+        already finished.
+        """
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
+
+@_typing.final
+class ListTasksRequest(_message.Message):
+    """ListTasksRequest selects one page of tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most tasks to return. 0 means 50; more than 1,000 is treated as 1,000;
+    negative is INVALID_ARGUMENT. A page may hold fewer tasks than asked for
+    even when more follow (check next_page_token).
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous call, to get the next page; empty for
+    the first page. Valid only with the same filter and order_by.
+    """
+    filter: _builtins.str
+    """An AIP-160 filter. Empty means every task the caller may read. Fields:
+    state (a TaskState name, with or without the TASK_STATE_ prefix),
+    task_name (a trailing * matches a prefix with = and !=), queue,
+    request_id, create_time and end_time (RFC 3339 strings). Operators:
+    = != < <= > >=, joined with AND, OR (binding tighter than AND), NOT (or -)
+    and parentheses. Example:
+    state = FAILED AND task_name = "reports.*" AND create_time > "2026-01-01T00:00:00Z"
+    """
+    order_by: _builtins.str
+    """"create_time desc" (the default: newest first) or "create_time" (oldest
+    first). Empty means the default.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        order_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksRequest: _TypeAlias = ListTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListTasksResponse(_message.Message):
+    """ListTasksResponse is one page of tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """An opaque token for the next page; empty when this is the last page. Tasks
+    created after the first page appear on a later page only if they sort
+    after it; none is skipped or repeated.
+    """
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks of this page, in the requested order."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class WaitTaskRequest(_message.Message):
+    """WaitTaskRequest names the task to wait for and how long."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task id returned by Enqueue, EnqueueAt or EnqueueBatch. Required."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for a terminal state. Absent or zero means 60 seconds;
+        longer than the server's stream lifetime is cut to it. Must not be
+        negative.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitTaskRequest: _TypeAlias = WaitTaskRequest  # noqa: Y015
+
+@_typing.final
+class WaitTaskResponse(_message.Message):
+    """WaitTaskResponse carries the task when the wait ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task: terminal, or as it was when the timeout ran out."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitTaskResponse: _TypeAlias = WaitTaskResponse  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):

@@ -62,6 +62,21 @@ class TaskServiceStub:
                 request_serializer=taskgate_dot_v1_dot_task__service__pb2.StreamProgressRequest.SerializeToString,
                 response_deserializer=taskgate_dot_v1_dot_task__service__pb2.StreamProgressResponse.FromString,
                 _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/taskgate.v1.TaskService/CancelTask',
+                request_serializer=taskgate_dot_v1_dot_task__service__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=taskgate_dot_v1_dot_task__service__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/taskgate.v1.TaskService/ListTasks',
+                request_serializer=taskgate_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=taskgate_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.WaitTask = channel.unary_unary(
+                '/taskgate.v1.TaskService/WaitTask',
+                request_serializer=taskgate_dot_v1_dot_task__service__pb2.WaitTaskRequest.SerializeToString,
+                response_deserializer=taskgate_dot_v1_dot_task__service__pb2.WaitTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -126,6 +141,41 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTask(self, request, context):
+        """CancelTask asks for a task to be cancelled, records the request durably, and
+        returns the task as it is after the request. Idempotent: a task already
+        CANCELLED, SUCCEEDED or FAILED is returned unchanged with OK. A task not yet
+        handed to the broker becomes CANCELLED at once and is never published; a
+        task waiting in the broker becomes CANCELLED and is skipped by the worker
+        that receives it (also a worker started later); a running task gets
+        cancel_requested and stops at its next cancellation checkpoint (or at once
+        with terminate). NOT_FOUND for an unknown id or a task the caller may not
+        read; PERMISSION_DENIED when the caller may not enqueue the task's name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """ListTasks lists the tasks the caller may read, newest first by default,
+        one page per call (AIP-132, AIP-158, AIP-160). INVALID_ARGUMENT for a bad
+        filter or order_by (the message says where and why), a negative
+        page_size, or a page_token from a call with another filter or order_by.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitTask(self, request, context):
+        """WaitTask returns the task as soon as it is in a terminal state, or as it is
+        when the timeout runs out: OK either way (check Task.state). For callers
+        that cannot hold a stream. NOT_FOUND for an unknown id or a task the caller
+        may not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +203,21 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.StreamProgress,
                     request_deserializer=taskgate_dot_v1_dot_task__service__pb2.StreamProgressRequest.FromString,
                     response_serializer=taskgate_dot_v1_dot_task__service__pb2.StreamProgressResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=taskgate_dot_v1_dot_task__service__pb2.CancelTaskRequest.FromString,
+                    response_serializer=taskgate_dot_v1_dot_task__service__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=taskgate_dot_v1_dot_task__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=taskgate_dot_v1_dot_task__service__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'WaitTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitTask,
+                    request_deserializer=taskgate_dot_v1_dot_task__service__pb2.WaitTaskRequest.FromString,
+                    response_serializer=taskgate_dot_v1_dot_task__service__pb2.WaitTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -293,6 +358,87 @@ class TaskService:
             '/taskgate.v1.TaskService/StreamProgress',
             taskgate_dot_v1_dot_task__service__pb2.StreamProgressRequest.SerializeToString,
             taskgate_dot_v1_dot_task__service__pb2.StreamProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskgate.v1.TaskService/CancelTask',
+            taskgate_dot_v1_dot_task__service__pb2.CancelTaskRequest.SerializeToString,
+            taskgate_dot_v1_dot_task__service__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskgate.v1.TaskService/ListTasks',
+            taskgate_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
+            taskgate_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskgate.v1.TaskService/WaitTask',
+            taskgate_dot_v1_dot_task__service__pb2.WaitTaskRequest.SerializeToString,
+            taskgate_dot_v1_dot_task__service__pb2.WaitTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,29 @@ class TaskServiceStub:
     Progress updates may be coalesced for a caller that reads slower than the
     worker reports; the latest state is never dropped.
     """
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CancelTaskRequest, _task_service_pb2.CancelTaskResponse]
+    """CancelTask asks for a task to be cancelled, records the request durably, and
+    returns the task as it is after the request. Idempotent: a task already
+    CANCELLED, SUCCEEDED or FAILED is returned unchanged with OK. A task not yet
+    handed to the broker becomes CANCELLED at once and is never published; a
+    task waiting in the broker becomes CANCELLED and is skipped by the worker
+    that receives it (also a worker started later); a running task gets
+    cancel_requested and stops at its next cancellation checkpoint (or at once
+    with terminate). NOT_FOUND for an unknown id or a task the caller may not
+    read; PERMISSION_DENIED when the caller may not enqueue the task's name.
+    """
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]
+    """ListTasks lists the tasks the caller may read, newest first by default,
+    one page per call (AIP-132, AIP-158, AIP-160). INVALID_ARGUMENT for a bad
+    filter or order_by (the message says where and why), a negative
+    page_size, or a page_token from a call with another filter or order_by.
+    """
+    WaitTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.WaitTaskRequest, _task_service_pb2.WaitTaskResponse]
+    """WaitTask returns the task as soon as it is in a terminal state, or as it is
+    when the timeout runs out: OK either way (check Task.state). For callers
+    that cannot hold a stream. NOT_FOUND for an unknown id or a task the caller
+    may not read.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -116,6 +139,29 @@ class TaskServiceAsyncStub(TaskServiceStub):
     message. NOT_FOUND for an id that was never enqueued through the gateway.
     Progress updates may be coalesced for a caller that reads slower than the
     worker reports; the latest state is never dropped.
+    """
+    CancelTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CancelTaskRequest, _task_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    """CancelTask asks for a task to be cancelled, records the request durably, and
+    returns the task as it is after the request. Idempotent: a task already
+    CANCELLED, SUCCEEDED or FAILED is returned unchanged with OK. A task not yet
+    handed to the broker becomes CANCELLED at once and is never published; a
+    task waiting in the broker becomes CANCELLED and is skipped by the worker
+    that receives it (also a worker started later); a running task gets
+    cancel_requested and stops at its next cancellation checkpoint (or at once
+    with terminate). NOT_FOUND for an unknown id or a task the caller may not
+    read; PERMISSION_DENIED when the caller may not enqueue the task's name.
+    """
+    ListTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """ListTasks lists the tasks the caller may read, newest first by default,
+    one page per call (AIP-132, AIP-158, AIP-160). INVALID_ARGUMENT for a bad
+    filter or order_by (the message says where and why), a negative
+    page_size, or a page_token from a call with another filter or order_by.
+    """
+    WaitTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.WaitTaskRequest, _task_service_pb2.WaitTaskResponse]  # type: ignore[assignment]
+    """WaitTask returns the task as soon as it is in a terminal state, or as it is
+    when the timeout runs out: OK either way (check Task.state). For callers
+    that cannot hold a stream. NOT_FOUND for an unknown id or a task the caller
+    may not read.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -188,6 +234,47 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         message. NOT_FOUND for an id that was never enqueued through the gateway.
         Progress updates may be coalesced for a caller that reads slower than the
         worker reports; the latest state is never dropped.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _task_service_pb2.CancelTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.CancelTaskResponse, _abc.Awaitable[_task_service_pb2.CancelTaskResponse]]:
+        """CancelTask asks for a task to be cancelled, records the request durably, and
+        returns the task as it is after the request. Idempotent: a task already
+        CANCELLED, SUCCEEDED or FAILED is returned unchanged with OK. A task not yet
+        handed to the broker becomes CANCELLED at once and is never published; a
+        task waiting in the broker becomes CANCELLED and is skipped by the worker
+        that receives it (also a worker started later); a running task gets
+        cancel_requested and stops at its next cancellation checkpoint (or at once
+        with terminate). NOT_FOUND for an unknown id or a task the caller may not
+        read; PERMISSION_DENIED when the caller may not enqueue the task's name.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _task_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListTasksResponse, _abc.Awaitable[_task_service_pb2.ListTasksResponse]]:
+        """ListTasks lists the tasks the caller may read, newest first by default,
+        one page per call (AIP-132, AIP-158, AIP-160). INVALID_ARGUMENT for a bad
+        filter or order_by (the message says where and why), a negative
+        page_size, or a page_token from a call with another filter or order_by.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitTask(
+        self,
+        request: _task_service_pb2.WaitTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.WaitTaskResponse, _abc.Awaitable[_task_service_pb2.WaitTaskResponse]]:
+        """WaitTask returns the task as soon as it is in a terminal state, or as it is
+        when the timeout runs out: OK either way (check Task.state). For callers
+        that cannot hold a stream. NOT_FOUND for an unknown id or a task the caller
+        may not read.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
