@@ -123,6 +123,9 @@ class TaskUpdate:
     retries: int | None = None
     start_time: datetime | None = None
     end_time: datetime | None = None
+    #: the Celery node name (``celery@host``) of the worker that started the task (STARTED
+    #: documents only); the store keeps it to watch that worker's heartbeat
+    worker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:
         progress=newer.progress or older.progress,
         retries=newer.retries if newer.retries is not None else older.retries,
         start_time=older.start_time or newer.start_time,
+        worker=newer.worker or older.worker,
     )
 
 

@@ -127,7 +127,15 @@ def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datet
     if state in (TaskState.FAILED, TaskState.RETRYING, TaskState.CANCELLED):
         error = _error(result, document.get("traceback"))
         return replace(update, error=error, end_time=_date(document.get("date_done")))
+    if status == "STARTED":
+        return replace(update, worker=_worker(result))
     return update
+
+
+def _worker(result: Any) -> str | None:
+    """The Celery node name a STARTED document's result (``{"pid", "hostname"}``) names."""
+    hostname = result.get("hostname") if isinstance(result, Mapping) else None
+    return hostname if isinstance(hostname, str) and hostname else None
 
 
 def parse_payload(task_id: str, payload: bytes | str, observed: dt.datetime) -> TaskUpdate | None:

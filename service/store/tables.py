@@ -64,6 +64,9 @@ tasks = sa.Table(
     sa.Column("publish_after", UTCDateTime, nullable=True),
     sa.Column("publish_time", UTCDateTime, nullable=True),
     sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
+    # The Celery node name (``celery@host``) a RUNNING task last started on (from its
+    # STARTED document): the recovery pass watches that worker's heartbeat.
+    sa.Column("worker", sa.String(255), nullable=True),
 )
 sa.Index(
     "ix_tasks_outbox",
@@ -77,4 +80,14 @@ sa.Index(
     tasks.c.update_time,
     postgresql_where=tasks.c.state.notin_(TERMINAL),
     sqlite_where=tasks.c.state.notin_(TERMINAL),
+)
+
+#: Every worker whose heartbeat key a gateway of this deployment has seen, and when it last
+#: saw it: only these are watched for lost work (a worker without the taskgate library never
+#: heartbeats and is never declared lost).
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("hostname", sa.String(255), primary_key=True),
+    sa.Column("heartbeat_time", UTCDateTime, nullable=False),
 )

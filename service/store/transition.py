@@ -3,8 +3,10 @@
 Both store paths are generated from the one rule, never written out by hand: the
 PostgreSQL batch ``UPDATE … FROM unnest(…)`` (``UNNEST_UPDATE`` with ``update_row``) and
 the portable per-task UPDATE (``update_values``, SQLite for ``taskgate dev``). Besides the
-rule's fields, a worker's update clears the task's outbox mark: a worker saw it, so it was
-published, whatever the outbox thinks.
+rule's fields, a worker's update clears the task's outbox mark (a worker saw it, so it was
+published, whatever the outbox thinks) and records the worker that started it (``worker``:
+set when the update names one, never cleared by an update; the recovery pass watches its
+heartbeat).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from service.store.rows import any_json, column_value, without_nul
 from service.store.tables import TERMINAL, UTCDateTime, tasks
 
 _SUCCEEDED = TaskState.SUCCEEDED.value
+#: The column (and ``TaskUpdate`` field) of the worker that started a task.
+WORKER_FIELD = "worker"
 
 
 def _is_json(field: str) -> bool:
@@ -75,7 +79,12 @@ def _unnest_update() -> str:
     for rule in TRANSITION_RULES:
         value = _sql(rule)
         sets.append(f"{rule.field} = {_not_after_sql(value) if rule.field == START_FIELD else value}")
-    sets += ["publish_after = NULL", "publish_time = coalesce(t.publish_time, u.update_time)"]
+    sets += [
+        "publish_after = NULL",
+        "publish_time = coalesce(t.publish_time, u.update_time)",
+        f"{WORKER_FIELD} = coalesce(u.{WORKER_FIELD}, t.{WORKER_FIELD})",
+    ]
+    fields.append(WORKER_FIELD)
     arrays = ["$1::varchar[]"] + [f"${i}::{_array_type(field)}[]" for i, field in enumerate(fields, 2)]
     terminal = ", ".join(f"'{state}'" for state in TERMINAL)
     assignments = ",\n    ".join(sets)
@@ -93,14 +102,15 @@ WHERE t.task_id = u.task_id AND t.state NOT IN ({terminal})
 
 #: Every update of a batch in one statement: one array per value of ``update_row``.
 UNNEST_UPDATE = _unnest_update()
-#: Values per row of ``update_row``.
-UPDATE_WIDTH = 1 + len(TRANSITION_RULES)
+#: Values per row of ``update_row``: the task_id, the rule's fields, the worker.
+UPDATE_WIDTH = 2 + len(TRANSITION_RULES)
 _JSON_FIELDS = frozenset(rule.field for rule in TRANSITION_RULES if _is_json(rule.field))
 
 
 def update_row(update: TaskUpdate) -> tuple[Any, ...]:
     """One update in ``UNNEST_UPDATE``'s array order: the task_id, then what it brings for
-    each field of the rule (JSON encoded; a result only with SUCCEEDED, where it is used)."""
+    each field of the rule (JSON encoded; a result only with SUCCEEDED, where it is used),
+    then its worker."""
     values: list[Any] = [update.task_id]
     for rule in TRANSITION_RULES:
         value = incoming(update, rule.field)
@@ -112,6 +122,7 @@ def update_row(update: TaskUpdate) -> tuple[Any, ...]:
         elif rule.field == "state":
             value = update.state.value
         values.append(value)
+    values.append(update.worker)
     return tuple(values)
 
 
@@ -136,6 +147,8 @@ def update_values(update: TaskUpdate) -> dict[str, Any]:
         start = values.get(START_FIELD, tasks.c[START_FIELD])
         bound = sa.literal(end, UTCDateTime())
         values[START_FIELD] = sa.case((sa.or_(start.is_(None), start > bound), bound), else_=start)
+    if update.worker is not None:
+        values[WORKER_FIELD] = update.worker
     values["publish_after"] = None
     observed = sa.literal(update.observed_time, UTCDateTime())
     values["publish_time"] = sa.func.coalesce(tasks.c.publish_time, observed)

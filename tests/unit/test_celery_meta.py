@@ -23,7 +23,7 @@ def parse(**document: Any) -> TaskUpdate | None:
 def test_started_is_running_with_start_time() -> None:
     update = parse(status="STARTED", result={"pid": 1, "hostname": "w"})
     assert update == TaskUpdate(
-        task_id="t1", state=TaskState.RUNNING, observed_time=OBSERVED, start_time=OBSERVED
+        task_id="t1", state=TaskState.RUNNING, observed_time=OBSERVED, start_time=OBSERVED, worker="w"
     )
 
 
