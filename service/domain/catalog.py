@@ -1,4 +1,5 @@
-"""Which task names the gateway accepts, and whether arguments fit them."""
+"""Which task names the gateway accepts, whether arguments fit them, and which tasks opted in
+to re-runs (Celery's ``acks_late``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ from service.domain.errors import ArgumentsDoNotBind, UnknownTask
 class Catalog:
     """Task names the gateway may send, with their signatures where known."""
 
-    def __init__(self, signatures: Mapping[str, inspect.Signature | None]) -> None:
+    def __init__(
+        self, signatures: Mapping[str, inspect.Signature | None], *, acks_late: Iterable[str] = ()
+    ) -> None:
+        """A catalog of ``signatures`` (None: arguments not checked); ``acks_late`` names the
+        tasks that opted in to re-runs."""
         self._signatures = dict(signatures)
+        self._acks_late = frozenset(acks_late)
 
     @classmethod
     def from_names(cls, names: Iterable[str]) -> Catalog:
@@ -29,19 +35,27 @@ class Catalog:
         app = getattr(importlib.import_module(module_name), attribute or "app")
         app.loader.import_default_modules()
         signatures: dict[str, inspect.Signature | None] = {}
+        late: set[str] = set()
         for name, task in app.tasks.items():
             if name.startswith("celery."):
                 continue
+            if getattr(task, "acks_late", False) is True:
+                late.add(name)
             try:
                 signatures[name] = inspect.signature(task.run)
             except (TypeError, ValueError):
                 signatures[name] = None
-        return cls(signatures)
+        return cls(signatures, acks_late=late)
 
     @property
     def names(self) -> list[str]:
         """The accepted task names, sorted."""
         return sorted(self._signatures)
+
+    def acks_late(self, task_name: str) -> bool:
+        """True when ``task_name`` opted in to re-runs (``acks_late``): a run lost with its
+        worker may be run again. Unknown for a catalog built from names: False."""
+        return task_name in self._acks_late
 
     def check(self, task_name: str, args: list[Any], kwargs: Mapping[str, Any]) -> None:
         """Raise unless ``task_name`` is known and ``args``/``kwargs`` bind to its signature."""

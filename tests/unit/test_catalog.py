@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from service.domain.catalog import Catalog
 from service.domain.errors import ArgumentsDoNotBind, UnknownTask
@@ -91,3 +92,27 @@ def test_work_count_steps_zero_and_negative() -> None:
 def test_work_fail_raises_demo_error() -> None:
     with pytest.raises(work.DemoError, match=r"^kaboom$"):
         work.fail("kaboom")
+
+
+late_app = Celery("late", set_as_current=False)
+
+
+@late_app.task(name="late.rerun", acks_late=True)
+def _rerun() -> None:
+    """A task that opted in to re-runs."""
+
+
+@late_app.task(name="late.once")
+def _once() -> None:
+    """A task that did not."""
+
+
+def test_from_app_knows_which_tasks_opted_in_to_reruns() -> None:
+    catalog = Catalog.from_app(f"{__name__}:late_app")
+    assert catalog.acks_late("late.rerun")
+    assert not catalog.acks_late("late.once")
+    assert not catalog.acks_late("late.unknown")
+
+
+def test_a_catalog_of_names_knows_no_opt_in() -> None:
+    assert not Catalog.from_names(["late.rerun"]).acks_late("late.rerun")
