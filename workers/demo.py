@@ -1,4 +1,13 @@
-"""Demo tasks: the README's tour and the integration tests' fixtures. Thin on purpose."""
+"""Demo tasks: the README's tour and the integration tests' fixtures. Thin on purpose.
+
+The tasks that take time (``demo.sleep``, ``demo.progress``, ``demo.record``) opt in to
+at-least-once runs: ``acks_late=True`` keeps their message in the broker until the run
+ends, so a worker that dies mid-run leaves it to be delivered again (the run-once guard
+lets that delivery through once the dead worker's heartbeat is gone). They keep
+``reject_on_worker_lost=False``: a pool process killed under a task (OOM, a segfault in
+the task's own code) ends the task FAILED with ``WorkerLostError`` instead of requeueing
+it, since a task that kills its process every time would otherwise loop for ever.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,9 @@ from typing import Any
 from taskgate.worker import report_progress
 from workers import app, settings, work
 
+#: Options of the tasks that opt in to being run again when their worker dies.
+AT_LEAST_ONCE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": False}
+
 
 @app.task(name="demo.add")
 def add(x: float, y: float) -> float:
@@ -15,7 +27,7 @@ def add(x: float, y: float) -> float:
     return work.add(x, y)
 
 
-@app.task(name="demo.progress")
+@app.task(name="demo.progress", **AT_LEAST_ONCE)
 def progress(steps: int, interval: float = 0.1) -> int:
     """Report progress 1..steps of steps, ``interval`` seconds apart; return ``steps``."""
 
@@ -31,14 +43,14 @@ def fail(message: str) -> None:
     work.fail(message)
 
 
-@app.task(name="demo.sleep")
+@app.task(name="demo.sleep", **AT_LEAST_ONCE)
 def sleep(seconds: float) -> float:
     """Sleep ``seconds`` and return it."""
     time.sleep(seconds)
     return seconds
 
 
-@app.task(name="demo.record", bind=True)
+@app.task(name="demo.record", bind=True, **AT_LEAST_ONCE)
 def record(self: Any, tag: str) -> str:
     """Append ``tag`` to the Redis list ``<prefix>taskgate-demo-runs``: one entry per run.
 

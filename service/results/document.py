@@ -97,6 +97,16 @@ def _date(value: Any) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+def _start_time(status: Any, result: Any, observed: dt.datetime) -> dt.datetime:
+    """When the run began: the worker's own clock in a taskgate worker's STARTED
+    (``result.start_time``), else when the gateway saw the task running."""
+    if status == "STARTED" and isinstance(result, Mapping):
+        stamped = _date(result.get("start_time"))
+        if stamped is not None:
+            return stamped
+    return observed
+
+
 def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datetime) -> TaskUpdate | None:
     """The update a result document stands for, or None for states the gateway ignores.
 
@@ -118,7 +128,7 @@ def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datet
         state=state,
         observed_time=observed,
         retries=retries if isinstance(retries, int) else None,
-        start_time=observed if state is TaskState.RUNNING else None,
+        start_time=_start_time(status, result, observed) if state is TaskState.RUNNING else None,
     )
     if status == PROGRESS_STATE or (state is TaskState.RUNNING and status != "STARTED"):
         return replace(update, progress=_progress(result))

@@ -1,8 +1,10 @@
 """``configure(app)``: the one call that readies an existing Celery app for taskgate.
 
-It leaves the app's broker and result backend where they are and adds what the gateway
-needs to follow the app's tasks (``taskgate.worker.contract.required_conf``), the shared
-key prefix, and the run-once guard (``OnceTask``) as the base class of the app's tasks.
+It leaves the app's broker and result backend URLs where they are and adds what the
+gateway needs to follow the app's tasks (``taskgate.worker.contract.required_conf``), the
+shared key prefix, the result backend class that also writes the durable state feed
+(``FeedRedisBackend``), bounded retries of result writes through short Redis outages, and
+the run-once guard (``OnceTask``) as the base class of the app's tasks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.utils.imports import symbol_by_name
 
+from taskgate.worker.backend import FeedRedisBackend
 from taskgate.worker.contract import KEY_PREFIX_SETTING, CelerySettings, check_key_prefix, required_conf
 from taskgate.worker.guard import OnceTask
 
@@ -21,18 +24,33 @@ log = logging.getLogger(__name__)
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
 _OPTION_NAMES = ("broker_transport_options", "result_backend_transport_options")
 
+#: Result writes (STARTED, RETRY and the final state) retry through a Redis outage: up to
+#: 20 tries, backoff from 0.2 s doubling to at most 5 s with full jitter — about 40 s on
+#: average, 86 s at most, before Celery gives the write up.
+RESULT_RETRY_CONF: dict[str, Any] = {
+    "result_backend_always_retry": True,
+    "result_backend_max_retries": 20,
+    "result_backend_base_sleep_between_retries_ms": 200,
+    "result_backend_max_sleep_between_retries_ms": 5000,
+}
+
 
 class ConfigurationError(ValueError):
     """The app cannot be configured for taskgate as it stands."""
 
 
-def configure(app: Celery, *, key_prefix: str | None = None, guard: bool = True) -> Celery:
+def configure(
+    app: Celery[Any], *, key_prefix: str | None = None, guard: bool = True, feed: bool = True
+) -> Celery:
     """Apply taskgate's settings to an existing Celery app; call it after the app's own config.
 
     Sets ``task_track_started``, ``result_extended`` and JSON results, adds ``json`` to
     ``accept_content`` (the gateway sends JSON messages), puts the key prefix into both
-    transport options' ``global_keyprefix``, and makes ``OnceTask`` the base class of the
-    app's tasks. The broker URL, the result backend and everything else stay the app's.
+    transport options' ``global_keyprefix``, retries result writes through short Redis
+    outages (``RESULT_RETRY_CONF``), makes ``FeedRedisBackend`` the result backend class
+    (same URL: it also appends every state to the state feed) and ``OnceTask`` the base
+    class of the app's tasks. The broker and result backend URLs and everything else stay
+    the app's.
 
     Args:
         app: the worker's Celery app; its tasks must not have been created yet when
@@ -40,6 +58,7 @@ def configure(app: Celery, *, key_prefix: str | None = None, guard: bool = True)
         key_prefix: the deployment's ``TASKGATE_KEY_PREFIX``; None reads the environment
             variable, and falls back to a ``global_keyprefix`` the app already has.
         guard: install the run-once guard (skip a second delivery of the same id).
+        feed: install ``FeedRedisBackend`` (the durable state feed).
 
     Returns:
         ``app``, for chaining.
@@ -55,6 +74,7 @@ def configure(app: Celery, *, key_prefix: str | None = None, guard: bool = True)
     accept = list(conf.get("accept_content") or ["json"])
     settings: dict[str, Any] = {
         **required_conf(),
+        **RESULT_RETRY_CONF,
         "accept_content": accept if "json" in accept else [*accept, "json"],
         KEY_PREFIX_SETTING: prefix,
     }
@@ -62,13 +82,32 @@ def configure(app: Celery, *, key_prefix: str | None = None, guard: bool = True)
         for name in _OPTION_NAMES:
             settings[name] = {**(conf.get(name) or {}), "global_keyprefix": prefix}
     conf.update(settings)
+    if feed:
+        install_feed(app)
     if guard:
         install_guard(app)
     log.debug("taskgate settings applied to app %s (key prefix %r)", app.main, prefix)
     return app
 
 
-def install_guard(app: Celery) -> None:
+def install_feed(app: Celery[Any]) -> None:
+    """Make ``FeedRedisBackend`` the app's result backend class (the URL stays the app's).
+
+    Raises:
+        ConfigurationError: the app already has a backend class of its own.
+    """
+    target: Any = app  # backend_cls is untyped in the stubs
+    current = target.backend_cls
+    if current is None:
+        target.backend_cls = FeedRedisBackend
+    elif not (isinstance(current, type) and issubclass(current, FeedRedisBackend)):
+        raise ConfigurationError(
+            f"the app has its own result backend class {current!r}: pass feed=False to keep it "
+            "(its states then reach the gateway without the durable feed)"
+        )
+
+
+def install_guard(app: Celery[Any]) -> None:
     """Make ``OnceTask`` a base of the app's task class (before any task is created).
 
     Raises:

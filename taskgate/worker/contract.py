@@ -151,6 +151,11 @@ class CelerySettings(BaseSettings):
     result_expires: int = Field(
         86400, validation_alias=AliasChoices("CELERY_RESULT_EXPIRES", "result_expires")
     )
+    #: Seconds between two writes of a worker's heartbeat key (it lives three intervals),
+    #: default 5: a dead worker is noticed within 15 s.
+    worker_heartbeat: float = Field(
+        5.0, gt=0, validation_alias=AliasChoices("TASKGATE_WORKER_HEARTBEAT", "worker_heartbeat")
+    )
 
     @field_validator("key_prefix")
     @classmethod
