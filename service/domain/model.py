@@ -49,11 +49,18 @@ class TaskSpec:
     run_time: datetime | None = None
     expire_time: datetime | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: seconds: Celery's hard time limit (None: the worker's default)
+    time_limit: float | None = None
+    #: seconds: Celery's soft time limit (None: the worker's default)
+    soft_time_limit: float | None = None
 
     def fingerprint(self) -> str:
         """A digest of everything but the request_id: equal requests, equal digests."""
         body = dataclasses.asdict(self)
         body.pop("request_id")
+        for key in ("time_limit", "soft_time_limit"):
+            if body[key] is None:
+                body.pop(key)  # digests of requests without limits stay as they were
         for key in ("run_time", "expire_time"):
             if body[key] is not None:
                 body[key] = body[key].isoformat()
@@ -99,6 +106,8 @@ class TaskRecord:
     error: TaskError | None = None
     start_time: datetime | None = None
     end_time: datetime | None = None
+    #: CancelTask was called for it
+    cancel_requested: bool = False
 
     def as_of(self, now: datetime) -> TaskRecord:
         """The record as a caller should see it at ``now``: SCHEDULED turns QUEUED once due."""
@@ -141,6 +150,9 @@ class Delivery:
     priority: int | None = None
     expire_time: datetime | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: seconds: Celery's hard and soft time limits (the ``timelimit`` header); None: none
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
 
 
 def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:
