@@ -64,6 +64,8 @@ tasks = sa.Table(
     sa.Column("publish_after", UTCDateTime, nullable=True),
     sa.Column("publish_time", UTCDateTime, nullable=True),
     sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
+    # CancelTask was called for it (service/store/cancel.py; migration 0003).
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     # The Celery node name (``celery@host``) a RUNNING task last started on (from its
     # STARTED document): the recovery pass watches that worker's heartbeat.
     sa.Column("worker", sa.String(255), nullable=True),
@@ -75,6 +77,11 @@ sa.Index(
     sqlite_where=tasks.c.publish_after.isnot(None),
 )
 sa.Index("ix_tasks_caller_request_id", tasks.c.caller, tasks.c.request_id, unique=True)
+# ListTasks's keyset (service/store/listing.py; migration 0003): every caller's tasks, one
+# caller's, and one state's, each in (create_time, task_id) order.
+sa.Index("ix_tasks_list", tasks.c.create_time, tasks.c.task_id)
+sa.Index("ix_tasks_list_caller", tasks.c.caller, tasks.c.create_time, tasks.c.task_id)
+sa.Index("ix_tasks_list_state", tasks.c.state, tasks.c.create_time, tasks.c.task_id)
 sa.Index(
     "ix_tasks_active",
     tasks.c.update_time,
