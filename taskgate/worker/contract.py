@@ -11,6 +11,7 @@ Names on Redis, for a deployment with ``TASKGATE_KEY_PREFIX=<p>``::
 
     <p>celery-task-meta-<task_id>        result document (SETEX) and its channel (PUBLISH)
     <p>taskgate-run-<task_id>-<retries>  run-once claim of one delivery (taskgate.worker.guard)
+    <p>taskgate-cancel-<task_id>         cancellation mark (CancelTask; taskgate.worker.cancel)
     <p>_kombu.binding.<queue>            kombu's binding set of a queue (and .binding_permanent.)
     <p><queue>                           the queue's list (kombu; priorities add a suffix)
 
@@ -34,6 +35,10 @@ PROGRESS_STATE = "PROGRESS"
 TASK_META_PREFIX = "celery-task-meta-"
 #: The run-once guard's claim keys (taskgate.worker.guard).
 RUN_CLAIM_PREFIX = "taskgate-run-"
+#: Durable cancellation marks (CancelTask; taskgate.worker.cancel).
+CANCEL_MARK_PREFIX = "taskgate-cancel-"
+#: Seconds a cancellation mark is kept (longer than a task waits in any queue).
+CANCEL_MARK_TTL = 30 * 86400
 #: kombu's Redis transport: the set of bindings of an exchange (``keyprefix_queue``).
 KOMBU_BINDING_PREFIX = "_kombu.binding."
 #: kombu's Redis transport: bindings kept while the queue exists (``keyprefix_binding_permanent``).
@@ -105,6 +110,12 @@ class RedisKeys:
     def run_claim(self, task_id: str, retries: int) -> str:
         """The key that records a run of ``task_id`` at attempt ``retries``."""
         return f"{self.prefix}{RUN_CLAIM_PREFIX}{task_id}-{retries}"
+
+    def cancel_mark(self, task_id: str) -> str:
+        """The durable cancellation mark of ``task_id``: set by the gateway's CancelTask
+        (value: the reason, possibly empty) and checked by workers before and while running
+        the task (``taskgate.worker.cancel``)."""
+        return f"{self.prefix}{CANCEL_MARK_PREFIX}{task_id}"
 
     @property
     def state_feed(self) -> str:
@@ -228,6 +239,8 @@ def common_conf(settings: CelerySettings) -> dict[str, Any]:
 
 
 __all__ = [
+    "CANCEL_MARK_PREFIX",
+    "CANCEL_MARK_TTL",
     "KEY_PREFIX_SETTING",
     "KOMBU_BINDING_PERMANENT_PREFIX",
     "KOMBU_BINDING_PREFIX",
