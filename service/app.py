@@ -22,6 +22,7 @@ from service.api.auth import StartupError, security_from_settings
 from service.api.health import HealthServicer
 from service.api.limits import ServiceLimits
 from service.api.server import SERVICE_NAME, build_server
+from service.broker.inspect import BrokerInspector
 from service.broker.outbox import Outbox
 from service.broker.publisher import Publisher, publisher_for
 from service.config import Settings
@@ -29,11 +30,14 @@ from service.domain.catalog import Catalog
 from service.results.feed import StateFeed
 from service.results.hub import ProgressHub
 from service.results.recorder import Recorder
+from service.results.recovery import ResultKeys
 from service.runtime.gcpolicy import GcPolicy
 from service.runtime.loopwatch import LoopWatch
 from service.runtime.supervise import Backoff, Supervisor
 from service.store.migrate import check_current
+from service.store.recovery import RecoveryStore
 from service.store.tasks import TaskStore
+from service.usecases.recovery import Recovery, RecoverySettings
 from service.usecases.tasks import Gateway, Limits
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ class Runtime:
     health: HealthServicer = field(default_factory=HealthServicer)
     loops: Supervisor = field(default_factory=Supervisor)
     feed: StateFeed | None = None
+    recovery: Recovery | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -102,6 +107,7 @@ class Runtime:
         loops.start("health", self._health_step)
         if self.settings.state_feed:
             self._start_feed()
+        self._start_recovery()
 
     def _start_feed(self) -> None:
         settings = self.settings
@@ -113,6 +119,21 @@ class Runtime:
             claim_idle=settings.state_feed_claim_idle,
         )
         self.loops.start("feed", self.feed.step, backoff=Backoff(first=0.5))
+
+    def _start_recovery(self) -> None:
+        settings = self.settings
+        self.recovery = Recovery(
+            RecoveryStore(self.store.engine),
+            ResultKeys.from_settings(settings),
+            BrokerInspector.from_settings(settings),
+            _catalog(settings),
+            RecoverySettings(
+                interval=settings.recovery_interval,
+                lost_timeout=settings.worker_lost_timeout,
+                lost_after=settings.lost_queued_after,
+            ),
+        )
+        self.loops.start("recovery", self.recovery.step, backoff=Backoff(first=1.0))
 
     async def check_health(self) -> bool:
         """True when the database, Redis and the broker all answer; any failure is logged."""
@@ -147,6 +168,8 @@ class Runtime:
         await self.hub.close()
         if self.feed is not None:
             await self.feed.close()
+        if self.recovery is not None:
+            await self.recovery.aclose()
         await self.publisher.aclose()
         await self.store.close()
 

@@ -55,6 +55,21 @@ class Settings(CelerySettings):
     state_feed_claim_idle: float = Field(
         60.0, gt=0, validation_alias=_env("TASKGATE_STATE_FEED_CLAIM_IDLE", "state_feed_claim_idle")
     )
+    #: Seconds between recovery passes (tasks lost with their worker or by the broker);
+    #: default 15.
+    recovery_interval: float = Field(
+        15.0, gt=0, validation_alias=_env("TASKGATE_RECOVERY_INTERVAL", "recovery_interval")
+    )
+    #: Seconds a watched worker's heartbeat key may be missing before its RUNNING tasks are
+    #: re-run (acks_late) or end FAILED WorkerLost; default 60.
+    worker_lost_timeout: float = Field(
+        60.0, gt=0, validation_alias=_env("TASKGATE_WORKER_LOST_TIMEOUT", "worker_lost_timeout")
+    )
+    #: Seconds after publishing before a QUEUED task that no worker reported on is looked
+    #: for in the broker (Redis only) and republished if it is gone; default 60.
+    lost_queued_after: float = Field(
+        60.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
+    )
     #: Database connection pool size.
     db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
     #: Seconds in-flight calls get to finish on SIGTERM.
