@@ -22,9 +22,10 @@ from service.api.auth import StartupError, security_from_settings
 from service.api.health import HealthServicer
 from service.api.limits import ServiceLimits
 from service.api.server import SERVICE_NAME, build_server
+from service.broker.control import CancelSignals
 from service.broker.inspect import BrokerInspector
 from service.broker.outbox import Outbox
-from service.broker.publisher import Publisher, publisher_for
+from service.broker.publisher import Publisher, publisher_for, send_only_app
 from service.config import Settings
 from service.domain.catalog import Catalog
 from service.results.feed import StateFeed
@@ -34,9 +35,12 @@ from service.results.recovery import ResultKeys
 from service.runtime.gcpolicy import GcPolicy
 from service.runtime.loopwatch import LoopWatch
 from service.runtime.supervise import Backoff, Supervisor
+from service.store.cancel import CancelStore
+from service.store.listing import TaskListing
 from service.store.migrate import check_current
 from service.store.recovery import RecoveryStore
 from service.store.tasks import TaskStore
+from service.usecases.control import Control
 from service.usecases.recovery import Recovery, RecoverySettings
 from service.usecases.tasks import Gateway, Limits
 
@@ -93,6 +97,10 @@ class Runtime:
             max_schedule=dt.timedelta(seconds=settings.max_schedule),
         )
         gateway = Gateway(store, _catalog(settings), outbox, hub, recorder, limits)
+        signals = CancelSignals.from_settings(settings, send_only_app(settings))
+        gateway.control = Control(
+            gateway, TaskListing(store.engine), CancelStore(store.engine), signals, hub, recorder
+        )
         runtime = cls(settings, store, publisher, hub, recorder, outbox, gateway)
         runtime._start_loops()
         return runtime
@@ -171,6 +179,8 @@ class Runtime:
         if self.recovery is not None:
             await self.recovery.aclose()
         await self.publisher.aclose()
+        if self.gateway.control is not None:
+            await self.gateway.control.aclose()
         await self.store.close()
 
 

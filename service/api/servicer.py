@@ -12,18 +12,24 @@ from typing import Any, TypeVar
 
 from grpc import aio
 
-from service.api import convert
+from service.api import control_convert, convert, listing
 from service.api.auth import Authenticator
 from service.api.limits import InputLimits, RateLimiter, ServiceLimits, StreamSlots
 from service.api.status import code_for, grpc_errors
-from service.domain.errors import InvalidRequest, TaskgateError
+from service.domain.errors import InvalidRequest, TaskgateError, Unavailable
 from service.domain.model import TaskSpec
+from service.domain.query import TaskQuery
+from service.usecases.control import Control
 from service.usecases.tasks import Accepted, Gateway
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
 Context = aio.ServicerContext[Any, Any]
 R = TypeVar("R", pb.EnqueueRequest, pb.EnqueueAtRequest)
+
+#: The enqueue decoders, with the time limits (``control_convert``).
+_ENQUEUE_SPEC = control_convert.limited(convert.enqueue_spec)
+_ENQUEUE_AT_SPEC = control_convert.limited(convert.enqueue_at_spec)
 
 #: One line per Enqueue / EnqueueAt call: who, which task, the outcome. Never the arguments.
 audit = logging.getLogger("taskgate.audit")
@@ -94,7 +100,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
 
     @grpc_errors
     async def Enqueue(self, request: pb.EnqueueRequest, context: Context) -> pb.EnqueueResponse:  # noqa: N802
-        accepted = await self._enqueue(request, context, convert.enqueue_spec)
+        accepted = await self._enqueue(request, context, _ENQUEUE_SPEC)
         return pb.EnqueueResponse(
             task_id=accepted.task_id,
             state=convert.state_to_proto(accepted.state),
@@ -103,7 +109,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
 
     @grpc_errors
     async def EnqueueAt(self, request: pb.EnqueueAtRequest, context: Context) -> pb.EnqueueAtResponse:  # noqa: N802
-        accepted = await self._enqueue(request, context, convert.enqueue_at_spec)
+        accepted = await self._enqueue(request, context, _ENQUEUE_AT_SPEC)
         return pb.EnqueueAtResponse(
             task_id=accepted.task_id,
             state=convert.state_to_proto(accepted.state),
@@ -128,7 +134,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             self._rate.check(caller, cost=count)
             specs = [
                 functools.partial(
-                    convert.batch_task_spec,
+                    control_convert.batch_task_spec,
                     task,
                     f"{request_id}#{i}" if request_id else "",
                     self._limits.input,
@@ -148,7 +154,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.GetStatusResponse:  # noqa: N802
         caller = self._auth.caller_of(context)
         record = await self._gateway.get(convert.task_id_of(request), caller)
-        return pb.GetStatusResponse(task=convert.task_to_proto(record))
+        return pb.GetStatusResponse(task=control_convert.task_message(record))
 
     @grpc_errors
     async def StreamProgress(  # noqa: N802
@@ -165,4 +171,52 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             watch = self._gateway.watch(task_id, caller, lifetime=self._limits.stream_lifetime)
             async with contextlib.aclosing(watch) as records:
                 async for record in records:
-                    yield pb.StreamProgressResponse(task=convert.task_to_proto(record))
+                    yield pb.StreamProgressResponse(task=control_convert.task_message(record))
+
+    @property
+    def _control(self) -> Control:
+        control = self._gateway.control
+        if control is None:
+            raise Unavailable("cancel, list and wait are not wired in this server")
+        return control
+
+    @grpc_errors
+    async def CancelTask(self, request: pb.CancelTaskRequest, context: Context) -> pb.CancelTaskResponse:  # noqa: N802
+        caller = self._auth.caller_of(context)
+        task_id = convert.task_id_of(pb.GetStatusRequest(task_id=request.task_id))
+        reason = control_convert.reason_of(request)
+        what = f"caller={caller.name!r} cancel terminate={request.terminate} reason={reason!r}"
+        with _audited(what, "") as audited:
+            audited.task_id = task_id
+            record = await self._control.cancel(task_id, caller, terminate=request.terminate, reason=reason)
+            audited.outcome = f"cancel_{record.state.value.lower()}"
+        return pb.CancelTaskResponse(task=control_convert.task_message(record))
+
+    @grpc_errors
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:  # noqa: N802
+        caller = self._auth.caller_of(context)
+        newest_first = listing.parse_order_by(request.order_by)
+        query = TaskQuery(
+            filter=listing.parse_filter(request.filter),
+            newest_first=newest_first,
+            limit=listing.page_size(request.page_size),
+            after=listing.decode_page_token(request.page_token, request.filter, newest_first),
+        )
+        page = await self._control.list_tasks(query, caller)
+        token = ""
+        if page.next_key is not None:
+            token = listing.encode_page_token(page.next_key, request.filter, newest_first)
+        return pb.ListTasksResponse(
+            tasks=[control_convert.task_message(record) for record in page.tasks], next_page_token=token
+        )
+
+    @grpc_errors
+    async def WaitTask(self, request: pb.WaitTaskRequest, context: Context) -> pb.WaitTaskResponse:  # noqa: N802
+        caller = self._auth.caller_of(context)
+        task_id = convert.task_id_of(pb.GetStatusRequest(task_id=request.task_id))
+        timeout = control_convert.wait_timeout(request)
+        with self._streams.hold(caller):  # a wait holds a subscription inbox, as a stream does
+            record = await self._control.wait(
+                task_id, caller, timeout=timeout, lifetime=self._limits.stream_lifetime
+            )
+        return pb.WaitTaskResponse(task=control_convert.task_message(record))

@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.broker.outbox import Outbox
 from service.domain.callers import OPEN, Caller
@@ -26,6 +27,9 @@ from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, appl
 from service.results.hub import ProgressHub, Signal
 from service.results.recorder import Recorder
 from service.store.tasks import NewTask, TaskStore
+
+if TYPE_CHECKING:
+    from service.usecases.control import Control
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ class Gateway:
         self._hub = hub
         self._recorder = recorder
         self._limits = limits or Limits()
+        #: cancel, list and wait (``service.usecases.control``), attached by ``service/app.py``
+        self.control: Control | None = None
 
     async def enqueue(self, spec: TaskSpec, caller: Caller = OPEN) -> Accepted:
         """Validate, record durably, and hand to the outbox.
@@ -175,6 +181,8 @@ class Gateway:
             priority=spec.priority,
             expire_time=spec.expire_time,
             headers=spec.headers,
+            time_limit=spec.time_limit,
+            soft_time_limit=spec.soft_time_limit,
         )
         held = run_time - now > self._limits.schedule_horizon
         lead = max(self._limits.schedule_horizon, DISPATCH_LEAD)
