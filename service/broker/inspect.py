@@ -180,4 +180,4 @@ class BrokerInspector:
 
     async def aclose(self) -> None:
         """Release the connection."""
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)

@@ -113,4 +113,4 @@ class ResultKeys:
 
     async def aclose(self) -> None:
         """Release the connections."""
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
