@@ -84,7 +84,7 @@ class CancelSignals:
         key = self._keys.task_meta(task_id)
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.setex(key, self._result_ttl, payload)
+            pipe.set(key, payload, ex=self._result_ttl)
             pipe.publish(key, payload)
             await pipe.execute()
         except (RedisError, OSError) as exc:

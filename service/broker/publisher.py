@@ -169,6 +169,10 @@ def send_options(delivery: Delivery, now: dt.datetime) -> dict[str, Any]:
         options["expires"] = delivery.expire_time
     if delivery.headers:
         options["headers"] = delivery.headers
+    if delivery.time_limit is not None:
+        options["time_limit"] = delivery.time_limit
+    if delivery.soft_time_limit is not None:
+        options["soft_time_limit"] = delivery.soft_time_limit
     return options
 
 

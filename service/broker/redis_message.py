@@ -103,7 +103,8 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
         "group": None,
         "group_index": None,
         "retries": 0,
-        "timelimit": [None, None],
+        # Celery's order: [hard, soft] (``amqp.as_task_v2``)
+        "timelimit": [delivery.time_limit, delivery.soft_time_limit],
         "root_id": delivery.task_id,
         "parent_id": None,
         "argsrepr": _repr(delivery.args) if delivery.args else "()",
