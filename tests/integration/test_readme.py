@@ -30,6 +30,9 @@ README = ROOT / "README.md"
 BLOCKS = readme_blocks.parse(README.read_text(encoding="utf-8"))
 #: Seconds one shell line or one Python block may take.
 STEP_TIMEOUT = 90
+#: Seconds a whole block may take: a block of several CLI lines pays a Python start-up per
+#: line (seconds each on a busy 2-core machine), on top of the tasks it waits for.
+BLOCK_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,7 @@ DOCUMENTS = [block for block in BLOCKS if block.skip is None and block.lang in (
 SKIPPED = [block for block in BLOCKS if block.skip is not None]
 
 
+@pytest.mark.timeout(BLOCK_TIMEOUT)
 @pytest.mark.parametrize("block", COMMANDS, ids=_ids(COMMANDS))
 async def test_readme_command(block: Block, dev: DevProcess, tmp_path: Path) -> None:
     if block.lang == "sh":
