@@ -80,6 +80,18 @@ class Task:
     update_time: dt.datetime | None = None
     #: The idempotency key given at enqueue time; empty when none was.
     request_id: str = ""
+    #: True once a cancel was requested (``Client.cancel``).
+    cancel_requested: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of ``Client.list_tasks``."""
+
+    tasks: list[Task]
+    #: Pass it as ``page_token`` (with the same filter and order) for the next page; empty
+    #: at the end.
+    next_page_token: str
 
 
 # --- Python to protobuf ------------------------------------------------------------------
@@ -158,6 +170,10 @@ class TaskCall:
             alternatives; neither means at once.
         expire_time: after this (aware) time the task is discarded and ends CANCELLED.
         headers: extra Celery message headers.
+        time_limit: seconds (or a timedelta) after which the worker kills the task (it ends
+            FAILED with TimeLimitExceeded; Celery's prefork pool); None: the worker's default.
+        soft_time_limit: seconds (or a timedelta) after which the task gets
+            SoftTimeLimitExceeded; None: the worker's default.
     """
 
     task_name: str
@@ -170,6 +186,8 @@ class TaskCall:
     run_time: dt.datetime | None = None
     expire_time: dt.datetime | None = None
     headers: Mapping[str, str] | None = None
+    time_limit: float | dt.timedelta | None = None
+    soft_time_limit: float | dt.timedelta | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.args, list | tuple):
@@ -190,6 +208,8 @@ def _common_fields(call: TaskCall) -> dict[str, Any]:
         "priority": call.priority,
         "expire_time": None if call.expire_time is None else to_timestamp(call.expire_time, "expire_time"),
         "headers": call.headers,
+        "time_limit": None if call.time_limit is None else to_duration(call.time_limit),
+        "soft_time_limit": None if call.soft_time_limit is None else to_duration(call.soft_time_limit),
     }
 
 
@@ -296,4 +316,5 @@ def task_from_proto(message: pb.Task) -> Task:
         end_time=_time(message.end_time, message.HasField("end_time")),
         update_time=_time(message.update_time, message.HasField("update_time")),
         request_id=message.request_id,
+        cancel_requested=message.cancel_requested,
     )

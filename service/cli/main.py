@@ -15,7 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service.cli import startup
+from service.cli import control, startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
 from service.store.migrate import upgrade
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
     commands.add_parser("dev", help="run a private Redis, SQLite, one worker and the server until Ctrl-C")
     commands_for_people.add_parsers(commands)
+    control.add_parsers(commands, commands_for_people._target_after_command())
     return parser
 
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in commands_for_people.COMMANDS:
         return commands_for_people.run(args)
+    if args.command in control.COMMANDS:
+        return control.run(args)
     try:
         settings = Settings()
     except ValidationError as exc:
