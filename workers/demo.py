@@ -60,6 +60,14 @@ def record(self: Any, tag: str) -> str:
     return tag
 
 
+@app.task(name="demo.flaky", bind=True)
+def flaky(self: Any, tag: str, failures: int = 1) -> str:
+    """Fail (and retry 0.2 s later) ``failures`` times, then return ``tag``: a RETRY state."""
+    if self.request.retries < failures:
+        raise self.retry(exc=work.DemoError(f"{tag}: attempt {self.request.retries + 1}"), countdown=0.2)
+    return tag
+
+
 @app.task(name="demo.echo")
 def echo(**kwargs: Any) -> dict[str, Any]:
     """Return the keyword arguments it was called with (kwargs named like enqueue options, too)."""
