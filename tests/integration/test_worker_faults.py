@@ -257,7 +257,6 @@ async def test_worker_start_time_is_before_end_time(fault_settings: Settings, tm
 def blip_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A private redis-server that keeps its data across a stop (AOF, fsync always)."""
     server = PrivateRedis(tmp_path)
-    original = server.start
 
     def start_with_aof() -> None:
         command = ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", ""]
@@ -279,13 +278,12 @@ def blip_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
-    del original
 
 
 @pytest.fixture
 def blip_settings(settings: Settings, run_id: str, blip_redis: PrivateRedis) -> Iterator[Settings]:
     """A private redis-server and a private database."""
-    assert REDIS_URL != blip_redis.url
+    assert blip_redis.url != REDIS_URL
     with private_database(run_id) as url:
         yield settings.model_copy(
             update={"database_url": url, "broker_url": blip_redis.url, "result_backend": blip_redis.url}
