@@ -290,5 +290,7 @@ def decode_page_token(token: str, filter_text: str, newest_first: bool) -> PageK
     if not isinstance(task_id, str) or moment.tzinfo is None:
         raise InvalidRequest("page_token is not a token this server issued")
     if binding != _binding(filter_text, newest_first):
-        raise InvalidRequest("page_token was issued for another filter or order_by; start from the first page")
+        raise InvalidRequest(
+            "page_token was issued for another filter or order_by; start from the first page"
+        )
     return PageKey(moment, task_id)

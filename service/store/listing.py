@@ -80,7 +80,7 @@ def _compare(node: Compare, now: dt.datetime) -> sa.ColumnElement[bool]:
 def _state(node: Compare, now: dt.datetime) -> sa.ColumnElement[bool]:
     """A state comparison as callers see states: a SCHEDULED task whose run time has come
     reads QUEUED (``TaskRecord.as_of``)."""
-    state = TaskState(node.value)
+    state = TaskState(str(node.value))
     due = tasks.c.run_time <= now
     if state is TaskState.QUEUED:
         match = sa.or_(tasks.c.state == state.value, sa.and_(tasks.c.state == TaskState.SCHEDULED.value, due))
@@ -113,7 +113,9 @@ def select_page(query: TaskQuery, now: dt.datetime) -> sa.Select[Any]:
     if query.filter is not None:
         where.append(where_of(query.filter, now))
     if query.after is not None:
-        after = sa.tuple_(sa.literal(query.after.create_time, tasks.c.create_time.type), sa.literal(query.after.task_id))
+        after = sa.tuple_(
+            sa.literal(query.after.create_time, tasks.c.create_time.type), sa.literal(query.after.task_id)
+        )
         where.append(key < after if query.newest_first else key > after)
     if query.newest_first:
         order = (tasks.c.create_time.desc(), tasks.c.task_id.desc())
