@@ -49,7 +49,7 @@ def group_members(pgid: int) -> list[int]:
 
 def dev_env(path: str | None = None) -> dict[str, str]:
     """The environment of a `taskgate dev` that starts its own Redis and SQLite on a free port."""
-    drop = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL", "VIRTUAL_ENV")
+    drop = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL", "VIRTUAL_ENV", "PYTHONPATH")
     env = {key: value for key, value in os.environ.items() if key not in drop}
     env.update(TASKGATE_LISTEN="127.0.0.1:0", PYTHONUNBUFFERED="1")
     if path is not None:
@@ -132,14 +132,17 @@ class DevProcess:
             return await self.process.wait()
 
     async def kill(self) -> None:
-        """SIGKILL to the process group and the children it logged (cleanup after a failure)."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            await self.process.wait()
+        """SIGKILL to the children it logged and to its process group (cleanup after a failure).
+
+        The children go first: they hold its output pipe, and before Python 3.12 ``wait()``
+        returns only once that pipe is closed.
+        """
         for pid in self.children().values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # each child leads a session of its own
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        await self.process.wait()
         await self._reader
 
     async def assert_nothing_left(self) -> None:
@@ -154,11 +157,12 @@ class DevProcess:
         raise AssertionError(f"still alive after Ctrl-C: {left}\n{self.text()}")
 
 
-async def run_shell(line: str, cwd: Path, timeout: float = 90) -> str:
+async def run_shell(line: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 90) -> str:
     """Run ``line`` with sh, as a person pastes it; its output (it must succeed)."""
     process = await asyncio.create_subprocess_exec(
-        "sh", "-c", line, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
+        "/bin/sh", "-c", line, cwd=cwd, env=None if env is None else dict(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
     out, _ = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode == 0, f"{line}\n{out.decode(errors='replace')}"
     return out.decode()
