@@ -83,7 +83,12 @@ def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
 def options_of(delivery: Delivery) -> dict[str, Any]:
     """The ``options`` column of a delivery."""
     expire = delivery.expire_time.isoformat() if delivery.expire_time else None
-    return {"priority": delivery.priority, "expire_time": expire, "headers": delivery.headers}
+    options: dict[str, Any] = {"priority": delivery.priority, "expire_time": expire, "headers": delivery.headers}
+    if delivery.time_limit is not None:
+        options["time_limit"] = delivery.time_limit
+    if delivery.soft_time_limit is not None:
+        options["soft_time_limit"] = delivery.soft_time_limit
+    return options
 
 
 def delivery_of(row: Mapping[Any, Any]) -> Delivery:
@@ -100,6 +105,8 @@ def delivery_of(row: Mapping[Any, Any]) -> Delivery:
         priority=options.get("priority"),
         expire_time=dt.datetime.fromisoformat(expire) if expire else None,
         headers=dict(options.get("headers") or {}),
+        time_limit=options.get("time_limit"),
+        soft_time_limit=options.get("soft_time_limit"),
     )
 
 
@@ -123,6 +130,7 @@ def record_of(row: Mapping[Any, Any]) -> TaskRecord:
         update_time=row["update_time"],
         start_time=row["start_time"],
         end_time=row["end_time"],
+        cancel_requested=bool(row.get("cancel_requested", False)),
     )
 
 
