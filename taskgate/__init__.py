@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskState
+    from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
     from taskgate.adapter import TaskgateTaskQueue
     from taskgate.client import AsyncClient, Client
     from taskgate.errors import (
@@ -60,6 +60,7 @@ _LAZY: dict[str, str] = {
     "Task": "taskgate._convert",
     "TaskCall": "taskgate._convert",
     "TaskErrorInfo": "taskgate._convert",
+    "TaskPage": "taskgate._convert",
     "TaskState": "taskgate._convert",
     "TaskgateTaskQueue": "taskgate.adapter",
     **dict.fromkeys(_ERRORS, "taskgate.errors"),
@@ -107,6 +108,7 @@ __all__ = [
     "TaskCall",
     "TaskErrorInfo",
     "TaskFailed",
+    "TaskPage",
     "TaskState",
     "TaskgateError",
     "TaskgateTaskQueue",

@@ -60,6 +60,7 @@ __all__ = [
     "TaskCall",
     "TaskErrorInfo",
     "TaskFailed",
+    "TaskPage",
     "TaskState",
     "TaskgateError",
     "Unauthenticated",

@@ -24,6 +24,7 @@ EXPECTED = {
     "TaskCall",
     "TaskErrorInfo",
     "TaskFailed",
+    "TaskPage",
     "TaskState",
     "TaskgateError",
     "TaskgateTaskQueue",
