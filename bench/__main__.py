@@ -19,6 +19,7 @@ from bench.dispatch_lag import run_dispatch_lag
 from bench.enqueue import contenders, report, run_rounds, samples_json
 from bench.flower import start_flower
 from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
+from bench.listing import run_listing
 from bench.plan import DEFAULT, QUICK, Plan
 from bench.profile import profile_taskgate
 from bench.scaleout import run_scaleout
@@ -95,6 +96,7 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "dispatch": run_dispatch_lag,
     "streams": run_streams,
     "scaleout": run_scaleout,
+    "listing": run_listing,
 }
 
 

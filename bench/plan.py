@@ -30,6 +30,9 @@ class Plan:
     scaleout_held: int = 2_000
     #: concurrent StreamProgress streams of the streams section (one task each)
     streams: int = 10_000
+    #: table sizes of the ListTasks section (first page at each)
+    list_small: int = 10_000
+    list_large: int = 1_000_000
 
 
 DEFAULT = Plan(rounds=3, warmup=1.0, throughput_duration=6.0, latency_duration=5.0)
@@ -41,4 +44,5 @@ QUICK = Plan(
     scheduled_tasks=1_000,
     profile_seconds=3.0,
     streams=1_000,
+    list_large=100_000,
 )
