@@ -10,8 +10,8 @@ dropped pub/sub message, an expired key or a gateway that was down.
 
 Two more rules than Celery's own:
 
-- STARTED carries the worker's own start time (``result.start_time``, ISO-8601 UTC) beside
-  ``pid`` and ``hostname``;
+- STARTED carries the worker's own start time (``result.start_time``, ISO-8601 UTC) and
+  its heartbeat ``instance`` beside ``pid`` and ``hostname``;
 - a state that is not final never replaces a final one (SUCCESS, FAILURE, REVOKED) — Celery
   itself protects only SUCCESS — and a delivery the run-once guard skips writes no STARTED.
 
@@ -29,6 +29,7 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
 
+from taskgate.worker import heartbeat
 from taskgate.worker.contract import STATE_FEED_MAXLEN, RedisKeys
 from taskgate.worker.guard import app_key_prefix, is_skipped
 
@@ -76,7 +77,8 @@ class FeedRedisBackend(_RedisBackend):  # type: ignore[misc]
             if is_skipped(request):
                 return result
             if isinstance(result, dict):
-                result = {**result, "start_time": dt.datetime.now(dt.UTC).isoformat()}
+                started = dt.datetime.now(dt.UTC).isoformat()
+                result = {**result, "start_time": started, "instance": heartbeat.INSTANCE}
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
         current = self._get_task_meta_for(task_id)["status"]
