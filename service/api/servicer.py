@@ -128,7 +128,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
                 raise InvalidRequest("tasks is empty: a batch needs at least one task")
             if count > self._limits.max_batch:
                 raise InvalidRequest(
-                    f"the batch has {count} tasks; the limit (max_batch) is {self._limits.max_batch}"
+                    f"the batch has {count} tasks; the limit is {self._limits.max_batch} (TASKGATE_MAX_BATCH)"
                 )
             request_id = convert.batch_request_id(request)
             self._rate.check(caller, cost=count)

@@ -83,7 +83,11 @@ def vars_of(obj: Progress | TaskError) -> dict[str, Any]:
 def options_of(delivery: Delivery) -> dict[str, Any]:
     """The ``options`` column of a delivery."""
     expire = delivery.expire_time.isoformat() if delivery.expire_time else None
-    options: dict[str, Any] = {"priority": delivery.priority, "expire_time": expire, "headers": delivery.headers}
+    options: dict[str, Any] = {
+        "priority": delivery.priority,
+        "expire_time": expire,
+        "headers": delivery.headers,
+    }
     if delivery.time_limit is not None:
         options["time_limit"] = delivery.time_limit
     if delivery.soft_time_limit is not None:

@@ -254,7 +254,8 @@ class Gateway:
                     raise ShuttingDown("the server is shutting down; call StreamProgress again")
                 if item is Signal.EXPIRED:
                     raise LimitExceeded(
-                        f"stream lifetime limit ({lifetime:g} s) reached; call StreamProgress again"
+                        f"stream lifetime limit reached: {lifetime:g} s (TASKGATE_STREAM_LIFETIME); "
+                        "call StreamProgress again"
                     )
                 if item is Signal.RESYNC or (item is None and not hub.ready):
                     record = await self._reload(record)

@@ -97,7 +97,7 @@ async def test_one_bad_task_refuses_the_whole_batch_and_names_every_bad_one(
     ("request_", "expected"),
     [
         (pb.EnqueueBatchRequest(), "tasks is empty"),
-        (pb.EnqueueBatchRequest(tasks=[add(1, 2)] * 1001), "the limit (max_batch) is 1000"),
+        (pb.EnqueueBatchRequest(tasks=[add(1, 2)] * 1001), "the limit is 1000 (TASKGATE_MAX_BATCH)"),
         (pb.EnqueueBatchRequest(tasks=[add(1, 2)], request_id="x" * 241), "longer than 240"),
     ],
     ids=["empty", "too-many", "long-request-id"],

@@ -88,8 +88,8 @@ def nested(depth: int) -> struct_pb2.ListValue:
         ({"queue": "a b"}, "queue may contain only"),
         ({"request_id": "id\x00"}, "request_id may contain only printable ASCII"),
         ({"request_id": "ïd"}, "request_id may contain only printable ASCII"),
-        ({"args": nested(33)}, "max_args_depth"),
-        ({"args": json_format.ParseDict(["x" * 300_000], struct_pb2.ListValue())}, "max_args_bytes"),
+        ({"args": nested(33)}, "TASKGATE_MAX_ARGS_DEPTH"),
+        ({"args": json_format.ParseDict(["x" * 300_000], struct_pb2.ListValue())}, "TASKGATE_MAX_ARGS_BYTES"),
     ],
 )
 def test_input_limits(fields: dict[str, Any], message: str) -> None:
@@ -99,10 +99,10 @@ def test_input_limits(fields: dict[str, Any], message: str) -> None:
 
 def test_input_limits_are_configurable() -> None:
     assert convert.enqueue_spec(request(args=nested(32))).args
-    with pytest.raises(InvalidRequest, match="max_args_depth"):
+    with pytest.raises(InvalidRequest, match="TASKGATE_MAX_ARGS_DEPTH"):
         convert.enqueue_spec(request(args=nested(3)), InputLimits(max_args_depth=2))
     big = json_format.ParseDict(["x" * 2000], struct_pb2.ListValue())
-    with pytest.raises(InvalidRequest, match="max_args_bytes"):
+    with pytest.raises(InvalidRequest, match="TASKGATE_MAX_ARGS_BYTES"):
         convert.enqueue_spec(request(args=big), InputLimits(max_args_bytes=1000))
 
 
