@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, Any
 from taskgate.worker.contract import PROGRESS_STATE, CelerySettings, RedisKeys, common_conf
 
 if TYPE_CHECKING:
+    from taskgate.worker.cancel import TaskCancelled, cancel_requested, check_cancel
     from taskgate.worker.conf import ConfigurationError, configure
     from taskgate.worker.guard import OnceTask
     from taskgate.worker.progress import report_progress
 
 _LAZY = {
+    "TaskCancelled": "taskgate.worker.cancel",
+    "cancel_requested": "taskgate.worker.cancel",
+    "check_cancel": "taskgate.worker.cancel",
     "ConfigurationError": "taskgate.worker.conf",
     "configure": "taskgate.worker.conf",
     "OnceTask": "taskgate.worker.guard",
@@ -45,6 +49,9 @@ __all__ = [
     "ConfigurationError",
     "OnceTask",
     "RedisKeys",
+    "TaskCancelled",
+    "cancel_requested",
+    "check_cancel",
     "common_conf",
     "configure",
     "report_progress",

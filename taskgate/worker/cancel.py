@@ -80,6 +80,20 @@ def cancel_requested(task: Any | None = None) -> bool:
     return running is not None and _mark(running) is not None
 
 
+def cancelled_before_start(task: Any) -> bool:
+    """True when ``task``'s delivery carries a cancellation mark (read a few times if Redis
+    blinks; unreadable: False, and the checkpoint in ``OnceTask.__call__`` looks again)."""
+    from taskgate.worker.retry import bounded, is_transient
+
+    try:
+        return bounded(lambda: _mark(task) is not None, what=f"task_id={task.request.id} cancel mark")
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("task_id=%s: cancel mark unreadable (%s); running it", task.request.id, exc)
+        return False
+
+
 def check_cancel(task: Any | None = None) -> None:
     """A cancellation checkpoint: do nothing, unless the task was cancelled through the
     gateway; then write REVOKED for it and raise ``TaskCancelled``.

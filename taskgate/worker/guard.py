@@ -33,6 +33,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_postrun, task_prerun
 
 from taskgate.worker import heartbeat
+from taskgate.worker.cancel import cancelled_before_start, check_cancel
 from taskgate.worker.contract import KEY_PREFIX_SETTING, RedisKeys
 from taskgate.worker.retry import bounded
 
@@ -142,6 +143,10 @@ def finish(task: Task, state: str | None) -> None:  # type: ignore[type-arg]
 def _on_prerun(task: Any = None, **_: Any) -> None:
     if isinstance(task, OnceTask) and _guarded(task.request):
         try:
+            if cancelled_before_start(task):
+                # no STARTED for it: ``OnceTask.__call__`` writes REVOKED and stops it
+                setattr(task.request, _SKIP, True)
+                return
             decide(task)
         except Exception:
             log.exception("task_id=%s: run claim failed before start", task.request.id)
@@ -159,8 +164,13 @@ class OnceTask(Task):  # type: ignore[type-arg]
     """A Celery task base class that skips deliveries of an id that already ran or runs."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _guarded(self.request) and not decide(self):
-            raise Ignore()
+        if _guarded(self.request):
+            # a task cancelled through the gateway while it waited (also while every worker
+            # was down) never runs: REVOKED is written and TaskCancelled (an Ignore) raised
+            if cancelled_before_start(self):
+                check_cancel(self)
+            if not decide(self):
+                raise Ignore()
         return super().__call__(*args, **kwargs)
 
 

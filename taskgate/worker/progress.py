@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import current_task
 
+from taskgate.worker.cancel import TaskCancelled, check_cancel
 from taskgate.worker.contract import PROGRESS_STATE
 from taskgate.worker.retry import bounded, is_transient
 
@@ -43,6 +44,7 @@ def report_progress(current: float, total: float = 0, message: str = "", **detai
         return
     meta = {"current": current, "total": total, "message": message, "details": details}
     task_id = task.request.id
+    _checkpoint(task)
     try:
         # max_retries=0: this loop, not the backend's longer one, bounds a progress write
         bounded(
@@ -56,3 +58,16 @@ def report_progress(current: float, total: float = 0, message: str = "", **detai
         log.warning(
             "task_id=%s: progress %s/%s not stored (%s); the task goes on", task_id, current, total, exc
         )
+
+
+def _checkpoint(task: Any) -> None:
+    """Every report is a cancellation checkpoint (``TaskCancelled`` once CancelTask was
+    called); a Redis blink while looking is not a cancellation and never kills the task."""
+    try:
+        check_cancel(task)
+    except TaskCancelled:
+        raise
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("task_id=%s: cancel mark unreadable (%s); the task goes on", task.request.id, exc)

@@ -3,7 +3,6 @@ need the prefork pool; the session's worker runs threads), on a queue of its own
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 import uuid
@@ -18,13 +17,9 @@ from google.protobuf import duration_pb2
 from service.config import Settings
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from taskgate.worker import guard, progress
 from tests.conftest import ROOT, child_env, stop_process
 from tests.helpers import args, wait_state
 from tests.security import refused
-
-#: The worker-side checkpoints are wired in (guard.py and progress.py call check_cancel).
-WIRED = "check_cancel" in inspect.getsource(guard) and "check_cancel" in inspect.getsource(progress)
 
 
 def start_prefork(settings: Settings, queue: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -113,7 +108,6 @@ async def test_terminate_ends_a_running_task_cancelled(
     assert task.state == pb.TASK_STATE_CANCELLED
 
 
-@pytest.mark.skipif(not WIRED, reason="guard.py does not call taskgate.worker.cancel.check_cancel yet")
 async def test_cancelled_while_no_worker_listens_never_runs(
     stub: pb_grpc.TaskServiceStub, settings: Settings, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -141,7 +135,6 @@ async def test_cancelled_while_no_worker_listens_never_runs(
     assert (await stub.GetStatus(pb.GetStatusRequest(task_id=task_id))).task.state == pb.TASK_STATE_CANCELLED
 
 
-@pytest.mark.skipif(not WIRED, reason="progress.py does not call taskgate.worker.cancel.check_cancel yet")
 async def test_cooperative_cancel_stops_at_the_next_progress_report(
     stub: pb_grpc.TaskServiceStub, prefork_queue: str
 ) -> None:
