@@ -8,7 +8,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 
 class TaskState(enum.StrEnum):
@@ -21,6 +21,8 @@ class TaskState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    #: a workflow step waiting for the steps before it (sent once they succeed)
+    WAITING = "WAITING"
 
     @property
     def terminal(self) -> bool:
@@ -108,6 +110,12 @@ class TaskRecord:
     end_time: datetime | None = None
     #: CancelTask was called for it
     cancel_requested: bool = False
+    #: the schedule that fired it ("" when none)
+    schedule_id: str = ""
+    #: the workflow it is a step of ("" when none)
+    workflow_id: str = ""
+    #: recorded from the result backend, not enqueued through the gateway
+    adopted: bool = False
 
     def as_of(self, now: datetime) -> TaskRecord:
         """The record as a caller should see it at ``now``: SCHEDULED turns QUEUED once due."""
@@ -158,10 +166,12 @@ class Delivery:
 def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:
     """Fold two updates of one task into one, keeping what the newer one does not say.
 
-    A terminal update is never replaced by a later non-terminal one.
+    A terminal update is never replaced by a later non-terminal one; the later one may
+    still fill in what a terminal record takes late (``late_fill``: an earlier start, a
+    further progress), as the store would if the two were written one after the other.
     """
     if older.state.terminal and not newer.state.terminal:
-        return older
+        return late_fill(older, newer, bound=incoming(older, END_FIELD))
     return dataclasses.replace(
         newer,
         progress=newer.progress or older.progress,
@@ -182,14 +192,21 @@ class Take(enum.Enum):
     IF_UNSET = "if_unset"
     #: the update's value (even None) when the update's state is SUCCEEDED, else the record's
     IF_SUCCEEDED = "if_succeeded"
+    #: the update's value when it is earlier than the record's or the record has none
+    EARLIEST = "earliest"
+    #: the update's ``Progress`` when it is further along than the record's (a greater
+    #: ``current``; the totals are not compared, a tie keeps the record's) or the record has none
+    FURTHEST = "furthest"
 
 
 @dataclass(frozen=True, slots=True)
 class FieldRule:
-    """One field of the transition rule: which field, and how it takes the update's value."""
+    """One field of the transition rule: which field, how it takes the update's value, and
+    how it still takes one once the record is terminal (``late``; None: never)."""
 
     field: str
     take: Take
+    late: Take | None = None
 
 
 def incoming(update: TaskUpdate, field: str) -> Any:
@@ -208,8 +225,18 @@ def incoming(update: TaskUpdate, field: str) -> Any:
 #: The one transition rule, for the domain and every store path (the store generates its
 #: SQL from it). Besides these fields:
 #:
-#: - a record in a ``TERMINAL_STATES`` state is never changed (``apply_update`` returns it
-#:   as it is; the store's UPDATE skips its row);
+#: - a record in a ``TERMINAL_STATES`` state keeps its state, result, error, end_time,
+#:   retries and update_time for good: only the fields with a ``late`` take may still be
+#:   filled in by an update that arrives after it ended (states race in from pub/sub, the
+#:   state feed, GetStatus's refresh and the reconcile: a STARTED or the last PROGRESS may
+#:   be recorded after the SUCCESS). The start moves EARLIER to a start the update brings
+#:   (also replacing one filled in from the end, see below), but a start later than the
+#:   record's ``END_FIELD`` is ignored; the progress is taken when the record has none or
+#:   the update's is FURTHEST along. Such a late fill-in leaves ``update_time`` as it was
+#:   (the time the task was seen ending: late news of its run is no new change of state,
+#:   and a terminal record is never re-listed as recently updated); an update that fills
+#:   in nothing leaves the record as it is (``apply_update`` returns it, the store's
+#:   UPDATE skips its row);
 #: - times are never inverted: an update that brings an ``END_FIELD`` value sets
 #:   ``START_FIELD`` to that value when the start is unknown or later than it (the start is
 #:   seen on the gateway's clock, the end stamped on the worker's).
@@ -217,24 +244,29 @@ TRANSITION_RULES: tuple[FieldRule, ...] = (
     FieldRule("state", Take.ALWAYS),
     FieldRule("update_time", Take.ALWAYS),
     FieldRule("error", Take.ALWAYS),
-    FieldRule("progress", Take.IF_GIVEN),
+    FieldRule("progress", Take.IF_GIVEN, late=Take.FURTHEST),
     FieldRule("retries", Take.IF_GIVEN),
     FieldRule("result", Take.IF_SUCCEEDED),
     FieldRule("end_time", Take.IF_GIVEN),
-    FieldRule("start_time", Take.IF_UNSET),
+    FieldRule("start_time", Take.IF_UNSET, late=Take.EARLIEST),
 )
 START_FIELD = "start_time"
 END_FIELD = "end_time"
+_Ended = TypeVar("_Ended", TaskRecord, TaskUpdate)
 
 
-def take(rule: FieldRule, old: Any, new: Any, state: TaskState) -> Any:
-    """The value of ``rule``'s field after an update in ``state`` bringing ``new``."""
-    if rule.take is Take.ALWAYS:
+def take(kind: Take, old: Any, new: Any, state: TaskState) -> Any:
+    """The value of a field taken as ``kind`` after an update in ``state`` bringing ``new``."""
+    if kind is Take.ALWAYS:
         return new
-    if rule.take is Take.IF_GIVEN:
+    if kind is Take.IF_GIVEN:
         return old if new is None else new
-    if rule.take is Take.IF_UNSET:
+    if kind is Take.IF_UNSET:
         return new if old is None else old
+    if kind is Take.EARLIEST:
+        return new if new is not None and (old is None or new < old) else old
+    if kind is Take.FURTHEST:
+        return new if new is not None and (old is None or new.current > old.current) else old
     return new if state is TaskState.SUCCEEDED else old
 
 
@@ -245,13 +277,36 @@ def not_after(start: datetime | None, end: datetime | None) -> datetime | None:
     return start
 
 
+def late_incoming(update: TaskUpdate, field: str, bound: datetime | None) -> Any:
+    """What ``update`` brings for a late ``field`` of a terminal record that ended at
+    ``bound``: as ``incoming``, but no start later than that end."""
+    new = incoming(update, field)
+    if field == START_FIELD and new is not None and bound is not None and new > bound:
+        return None
+    return new
+
+
+def late_fill(ended: _Ended, update: TaskUpdate, bound: datetime | None) -> _Ended:
+    """``ended`` (a terminal record or update, ending at ``bound``) with what ``update``
+    still fills in by the ``late`` takes of the rule; ``ended`` itself when nothing."""
+    changes = {}
+    for rule in TRANSITION_RULES:
+        if rule.late is None:
+            continue
+        old = getattr(ended, rule.field)
+        new = take(rule.late, old, late_incoming(update, rule.field, bound), update.state)
+        if new is not old and new != old:
+            changes[rule.field] = new
+    return dataclasses.replace(ended, **changes) if changes else ended
+
+
 def advance(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
     """The record after ``update`` as the store writes it (``update_time`` always moves);
-    the record itself when it is already terminal."""
+    on a terminal record only the late fill-ins (``late_fill``)."""
     if record.state.terminal:
-        return record
+        return late_fill(record, update, bound=record.end_time)
     changes = {
-        rule.field: take(rule, getattr(record, rule.field), incoming(update, rule.field), update.state)
+        rule.field: take(rule.take, getattr(record, rule.field), incoming(update, rule.field), update.state)
         for rule in TRANSITION_RULES
     }
     changes[START_FIELD] = not_after(changes[START_FIELD], incoming(update, END_FIELD))
@@ -259,8 +314,8 @@ def advance(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
 
 
 def apply_update(record: TaskRecord, update: TaskUpdate) -> TaskRecord:
-    """The record after ``update``; unchanged when the record is already terminal, and when
-    nothing but ``update_time`` would change (a repeat is not news to a watcher)."""
+    """The record after ``update``; unchanged when nothing but ``update_time`` would change
+    (a repeat is not news to a watcher), and a terminal record but for late fill-ins."""
     new = advance(record, update)
     if new is record or dataclasses.replace(new, update_time=record.update_time) == record:
         return record

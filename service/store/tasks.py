@@ -27,7 +27,7 @@ from service.store.group_commit import GroupCommit
 from service.store.postgres import COPY_FROM
 from service.store.rows import NewTask, delivery_of, insert_row, record_of
 from service.store.tables import TERMINAL, JSONType, UTCDateTime, metadata, tasks
-from service.store.transition import UNNEST_UPDATE, UPDATE_WIDTH, not_terminal, update_row, update_values
+from service.store.transition import UNNEST_UPDATE, UPDATE_WIDTH, portable_updates, update_row
 
 __all__ = ["COPY_FROM", "JSONType", "NewTask", "TaskStore", "UTCDateTime", "metadata", "tasks"]
 
@@ -264,7 +264,8 @@ class TaskStore:
 
     async def apply_updates(self, updates: Iterable[TaskUpdate]) -> int:
         """Write state changes by the domain's transition rule (``transition.py``): a
-        terminal state is never overwritten, times are never inverted. Returns rows changed.
+        terminal state is never overwritten (a late start or progress may still fill it in),
+        times are never inverted. Returns rows changed.
 
         At most one update per task (the recorder coalesces them). On PostgreSQL the whole
         batch is one ``UPDATE … FROM unnest(…)``; elsewhere one UPDATE per task.
@@ -280,12 +281,8 @@ class TaskStore:
         changed = 0
         async with self._begin() as conn:
             for update in updates:
-                statement = (
-                    tasks.update()
-                    .where(tasks.c.task_id == update.task_id, not_terminal())
-                    .values(update_values(update))
-                )
-                changed += (await conn.execute(statement)).rowcount
+                for statement in portable_updates(update):
+                    changed += (await conn.execute(statement)).rowcount
         return changed
 
     async def claim_due(self, now: dt.datetime, *, lease: dt.timedelta, limit: int) -> list[Delivery]:
