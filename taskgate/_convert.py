@@ -30,6 +30,8 @@ class TaskState(enum.StrEnum):
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    #: A workflow step waiting for the steps before it.
+    WAITING = "WAITING"
 
     @property
     def terminal(self) -> bool:
@@ -82,6 +84,12 @@ class Task:
     request_id: str = ""
     #: True once a cancel was requested (``Client.cancel``).
     cancel_requested: bool = False
+    #: The schedule that fired it; empty when none did.
+    schedule_id: str = ""
+    #: The workflow it is a step of; empty when none.
+    workflow_id: str = ""
+    #: Recorded from the result backend, not enqueued through the gateway.
+    adopted: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -317,4 +325,7 @@ def task_from_proto(message: pb.Task) -> Task:
         update_time=_time(message.update_time, message.HasField("update_time")),
         request_id=message.request_id,
         cancel_requested=message.cancel_requested,
+        schedule_id=message.schedule_id,
+        workflow_id=message.workflow_id,
+        adopted=message.adopted,
     )

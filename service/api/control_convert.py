@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2
 from service.api import convert
 from service.api.limits import InputLimits
 from service.domain.errors import InvalidRequest
-from service.domain.model import TaskRecord, TaskSpec
+from service.domain.model import TaskSpec
 from taskgate.v1 import task_service_pb2 as pb
 
 MAX_REASON_LENGTH = 255
@@ -77,14 +77,6 @@ def limited(decode: Callable[[R, InputLimits], TaskSpec]) -> Callable[[R, InputL
 def batch_task_spec(task: pb.BatchTask, request_id: str, limits: InputLimits) -> TaskSpec:
     """``convert.batch_task_spec`` with the time limits."""
     return _with_limits(convert.batch_task_spec(task, request_id, limits), task)
-
-
-def task_message(record: TaskRecord) -> pb.Task:
-    """``convert.task_to_proto`` with ``cancel_requested``."""
-    task = convert.task_to_proto(record)
-    if record.cancel_requested:
-        task.cancel_requested = True
-    return task
 
 
 def reason_of(request: pb.CancelTaskRequest) -> str:

@@ -350,6 +350,10 @@ def task_to_proto(record: TaskRecord) -> pb.Task:
         create_time=to_timestamp(record.create_time),
         run_time=to_timestamp(record.run_time),
         update_time=to_timestamp(record.update_time),
+        cancel_requested=record.cancel_requested,
+        schedule_id=record.schedule_id,
+        workflow_id=record.workflow_id,
+        adopted=record.adopted,
     )
     if record.progress is not None:
         task.progress.CopyFrom(_progress_to_proto(record.progress))

@@ -154,7 +154,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.GetStatusResponse:  # noqa: N802
         caller = self._auth.caller_of(context)
         record = await self._gateway.get(convert.task_id_of(request), caller)
-        return pb.GetStatusResponse(task=control_convert.task_message(record))
+        return pb.GetStatusResponse(task=convert.task_to_proto(record))
 
     @grpc_errors
     async def StreamProgress(  # noqa: N802
@@ -171,7 +171,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             watch = self._gateway.watch(task_id, caller, lifetime=self._limits.stream_lifetime)
             async with contextlib.aclosing(watch) as records:
                 async for record in records:
-                    yield pb.StreamProgressResponse(task=control_convert.task_message(record))
+                    yield pb.StreamProgressResponse(task=convert.task_to_proto(record))
 
     @property
     def _control(self) -> Control:
@@ -190,7 +190,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             audited.task_id = task_id
             record = await self._control.cancel(task_id, caller, terminate=request.terminate, reason=reason)
             audited.outcome = f"cancel_{record.state.value.lower()}"
-        return pb.CancelTaskResponse(task=control_convert.task_message(record))
+        return pb.CancelTaskResponse(task=convert.task_to_proto(record))
 
     @grpc_errors
     async def ListTasks(self, request: pb.ListTasksRequest, context: Context) -> pb.ListTasksResponse:  # noqa: N802
@@ -207,7 +207,7 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         if page.next_key is not None:
             token = listing.encode_page_token(page.next_key, request.filter, newest_first)
         return pb.ListTasksResponse(
-            tasks=[control_convert.task_message(record) for record in page.tasks], next_page_token=token
+            tasks=[convert.task_to_proto(record) for record in page.tasks], next_page_token=token
         )
 
     @grpc_errors
@@ -219,4 +219,4 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             record = await self._control.wait(
                 task_id, caller, timeout=timeout, lifetime=self._limits.stream_lifetime
             )
-        return pb.WaitTaskResponse(task=control_convert.task_message(record))
+        return pb.WaitTaskResponse(task=convert.task_to_proto(record))

@@ -35,6 +35,8 @@ class Field(enum.StrEnum):
     REQUEST_ID = "request_id"
     CREATE_TIME = "create_time"
     END_TIME = "end_time"
+    SCHEDULE_ID = "schedule_id"
+    WORKFLOW_ID = "workflow_id"
 
 
 #: The fields whose values are times (RFC 3339 in the filter text).

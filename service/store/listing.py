@@ -33,7 +33,13 @@ _COLUMNS: dict[Field, sa.ColumnElement[Any]] = {
     Field.REQUEST_ID: sa.func.coalesce(tasks.c.request_id, ""),
     Field.CREATE_TIME: tasks.c.create_time,
     Field.END_TIME: tasks.c.end_time,
+    # `= "x"` on the bare column (not coalesced) so the partial ix_tasks_list_* index serves it
+    Field.SCHEDULE_ID: tasks.c.schedule_id,
+    Field.WORKFLOW_ID: tasks.c.workflow_id,
 }
+
+#: Columns that are NULL for tasks that belong to nothing (NULL must still be "not equal").
+_LINKS = frozenset({Field.SCHEDULE_ID, Field.WORKFLOW_ID})
 
 
 @contextlib.asynccontextmanager
@@ -61,7 +67,9 @@ def _compare(node: Compare, now: dt.datetime) -> sa.ColumnElement[bool]:
     column = _COLUMNS[node.field]
     if node.prefix:
         match = column.startswith(str(node.value), autoescape=True)
-        return match if node.op is Op.EQ else sa.not_(match)
+        if node.op is Op.EQ:
+            return match
+        return sa.or_(column.is_(None), sa.not_(match)) if node.field in _LINKS else sa.not_(match)
     value = node.value
     clauses = {
         Op.EQ: column == value,
@@ -72,6 +80,8 @@ def _compare(node: Compare, now: dt.datetime) -> sa.ColumnElement[bool]:
         Op.GE: column >= value,
     }
     clause = clauses[node.op]
+    if node.field in _LINKS and node.op is Op.NE:
+        clause = sa.or_(column.is_(None), clause)  # a task of no schedule is != any schedule
     if node.field is Field.END_TIME:  # an unfinished task has no end: no comparison holds
         clause = sa.and_(tasks.c.end_time.isnot(None), clause)
     return clause

@@ -32,6 +32,10 @@ class NewTask:
     publish_after: dt.datetime
     #: kept in the database until it is due (not handed to the fast path)
     held: bool
+    #: the schedule that fired it ("" when none)
+    schedule_id: str = ""
+    #: the workflow it is a step of ("" when none)
+    workflow_id: str = ""
 
     @property
     def task_id(self) -> str:
@@ -52,6 +56,8 @@ class NewTask:
             create_time=self.create_time,
             run_time=delivery.run_time,
             update_time=self.create_time,
+            schedule_id=self.schedule_id,
+            workflow_id=self.workflow_id,
         )
 
 
@@ -71,6 +77,8 @@ INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("run_time", "timestamptz"),
     ("update_time", "timestamptz"),
     ("publish_after", "timestamptz"),
+    ("schedule_id", "varchar"),
+    ("workflow_id", "varchar"),
 )
 INSERT_NAMES = [name for name, _ in INSERT_COLUMNS]
 
@@ -135,6 +143,9 @@ def record_of(row: Mapping[Any, Any]) -> TaskRecord:
         start_time=row["start_time"],
         end_time=row["end_time"],
         cancel_requested=bool(row.get("cancel_requested", False)),
+        schedule_id=row.get("schedule_id") or "",
+        workflow_id=row.get("workflow_id") or "",
+        adopted=bool(row.get("adopted", False)),
     )
 
 
@@ -196,6 +207,8 @@ def insert_values(new: NewTask, *, encode: bool = True) -> tuple[Any, ...]:
         delivery.run_time,
         new.create_time,
         new.publish_after,
+        new.schedule_id or None,
+        new.workflow_id or None,
     )
 
 

@@ -69,6 +69,12 @@ tasks = sa.Table(
     # The Celery node name (``celery@host``) a RUNNING task last started on (from its
     # STARTED document): the recovery pass watches that worker's heartbeat.
     sa.Column("worker", sa.String(255), nullable=True),
+    # What the task belongs to (migration 0004): the schedule that fired it, the workflow
+    # it is a step of; NULL when none. ``adopted``: recorded from the result backend, not
+    # enqueued through the gateway (TASKGATE_ADOPT_FOREIGN).
+    sa.Column("schedule_id", sa.String(255), nullable=True),
+    sa.Column("workflow_id", sa.String(64), nullable=True),
+    sa.Column("adopted", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 sa.Index(
     "ix_tasks_outbox",
@@ -82,6 +88,24 @@ sa.Index("ix_tasks_caller_request_id", tasks.c.caller, tasks.c.request_id, uniqu
 sa.Index("ix_tasks_list", tasks.c.create_time, tasks.c.task_id)
 sa.Index("ix_tasks_list_caller", tasks.c.caller, tasks.c.create_time, tasks.c.task_id)
 sa.Index("ix_tasks_list_state", tasks.c.state, tasks.c.create_time, tasks.c.task_id)
+# ListTasks with ``schedule_id = …`` / ``workflow_id = …`` (migration 0004; partial: most
+# tasks belong to neither, so these cost nothing on their inserts).
+sa.Index(
+    "ix_tasks_list_schedule",
+    tasks.c.schedule_id,
+    tasks.c.create_time,
+    tasks.c.task_id,
+    postgresql_where=tasks.c.schedule_id.isnot(None),
+    sqlite_where=tasks.c.schedule_id.isnot(None),
+)
+sa.Index(
+    "ix_tasks_list_workflow",
+    tasks.c.workflow_id,
+    tasks.c.create_time,
+    tasks.c.task_id,
+    postgresql_where=tasks.c.workflow_id.isnot(None),
+    sqlite_where=tasks.c.workflow_id.isnot(None),
+)
 sa.Index(
     "ix_tasks_active",
     tasks.c.update_time,

@@ -44,6 +44,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """It raised; Task.error says what. Terminal."""
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 7
     """It was revoked before or while running. Terminal."""
+    TASK_STATE_WAITING: _TaskState.ValueType  # 8
+    """A workflow step waiting for the steps before it; it is sent to the broker
+    once they succeed, or ends CANCELLED when one of them fails or is cancelled.
+    """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
     """TaskState is the lifecycle of a task. Terminal states (SUCCEEDED, FAILED,
@@ -66,6 +70,10 @@ TASK_STATE_FAILED: TaskState.ValueType  # 6
 """It raised; Task.error says what. Terminal."""
 TASK_STATE_CANCELLED: TaskState.ValueType  # 7
 """It was revoked before or while running. Terminal."""
+TASK_STATE_WAITING: TaskState.ValueType  # 8
+"""A workflow step waiting for the steps before it; it is sent to the broker
+once they succeed, or ends CANCELLED when one of them fails or is cancelled.
+"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 @_typing.final
@@ -695,6 +703,9 @@ class Task(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    ADOPTED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task id (a UUID string)."""
     task_name: _builtins.str
@@ -711,6 +722,20 @@ class Task(_message.Message):
     """True once CancelTask was called for the task (whatever its state then). A
     running task with cancel_requested stops at its next cancellation
     checkpoint; one that finishes first keeps its true end state.
+    """
+    schedule_id: _builtins.str
+    """The schedule that fired this task (see ScheduleService). Empty means it
+    was not fired by a schedule.
+    """
+    workflow_id: _builtins.str
+    """The workflow this task is a step of (see WorkflowService). Empty means it
+    is not part of a workflow.
+    """
+    adopted: _builtins.bool
+    """True when the task was not enqueued through the gateway but sent around it
+    (Celery's delay(), send_task, beat) and recorded from what the result
+    backend said of it (TASKGATE_ADOPT_FOREIGN). Adopted tasks are readable
+    only by callers with read_all.
     """
     @_builtins.property
     def progress(self) -> Global___Progress:
@@ -769,14 +794,120 @@ class Task(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         request_id: _builtins.str = ...,
         cancel_requested: _builtins.bool = ...,
+        schedule_id: _builtins.str = ...,
+        workflow_id: _builtins.str = ...,
+        adopted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "result", b"result", "run_time", b"run_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queue", b"queue", "request_id", b"request_id", "result", b"result", "retries", b"retries", "run_time", b"run_time", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "task_name", b"task_name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queue", b"queue", "request_id", b"request_id", "result", b"result", "retries", b"retries", "run_time", b"run_time", "schedule_id", b"schedule_id", "start_time", b"start_time", "state", b"state", "task_id", b"task_id", "task_name", b"task_name", "update_time", b"update_time", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class TaskTemplate(_message.Message):
+    """TaskTemplate describes a task to enqueue later or as part of something else
+    (a schedule's firings, a workflow's steps): everything Enqueue takes except
+    when to run it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    IMMUTABLE_FIELD_NUMBER: _builtins.int
+    task_name: _builtins.str
+    """The Celery task name, for example "demo.add". Required."""
+    queue: _builtins.str
+    """The queue to send it to. Empty means the task's default route."""
+    priority: _builtins.int
+    """0 (highest) to 9 (lowest), as on Enqueue. Unset means the queue's default."""
+    immutable: _builtins.bool
+    """In a chain: true means the step does not receive the previous step's
+    result as its first argument (Celery's immutable signature). Ignored
+    outside a chain. Default false: the result is prepended to args.
+    """
+    @_builtins.property
+    def args(self) -> _struct_pb2.ListValue:
+        """Positional arguments. Empty means none."""
+
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
+        """Keyword arguments. Empty means none."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra Celery message headers, as on Enqueue."""
+
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
+        """Hard time limit of one run (Celery's time_limit). Unset means none."""
+
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
+        """Soft time limit of one run (SoftTimeLimitExceeded is raised in the task).
+        Unset means none; must not be longer than time_limit.
+        """
+
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
+        """How long after it is sent the task may still start; a worker that gets
+        it later skips it and it ends CANCELLED (Celery's expires). Unset means
+        it never expires.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_name: _builtins.str = ...,
+        args: _struct_pb2.ListValue | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
+        queue: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
+        expire_after: _duration_pb2.Duration | None = ...,
+        immutable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_after", b"expire_after", "kwargs", b"kwargs", "priority", b"priority", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "args", b"args", "expire_after", b"expire_after", "headers", b"headers", "immutable", b"immutable", "kwargs", b"kwargs", "priority", b"priority", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "task_name", b"task_name", "time_limit", b"time_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+
+Global___TaskTemplate: _TypeAlias = TaskTemplate  # noqa: Y015
 
 @_typing.final
 class CancelTaskRequest(_message.Message):
