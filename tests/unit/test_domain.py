@@ -100,11 +100,65 @@ def test_as_of_leaves_other_states(state: TaskState) -> None:
     assert rec.as_of(at(120)) is rec
 
 
-@pytest.mark.parametrize("state", [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED])
+TERMINAL = [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED]
+
+
+@pytest.mark.parametrize("state", TERMINAL)
 def test_apply_update_never_changes_terminal(state: TaskState) -> None:
     done = record(state=state, end_time=at(5))
-    assert apply_update(done, update(TaskState.RUNNING, start_time=at(10))) is done
+    assert apply_update(done, update(TaskState.RUNNING, start_time=at(10))) is done  # after the end
     assert apply_update(done, update(TaskState.SUCCEEDED, result=1)) is done
+    error = TaskError("ValueError", "late")
+    assert apply_update(done, update(TaskState.FAILED, 20, error=error, retries=3, end_time=at(20))) is done
+
+
+@pytest.mark.parametrize("state", TERMINAL)
+def test_late_start_moves_a_terminal_record_s_start_earlier(state: TaskState) -> None:
+    done = record(state=state, start_time=at(5), end_time=at(5), update_time=at(6), result=3, retries=1)
+    late = apply_update(done, update(TaskState.RUNNING, 30, start_time=at(2), retries=0, error=None))
+    # the start not_after() filled in from the end gives way to the worker's own
+    assert late == dataclasses.replace(done, start_time=at(2))
+    assert late.update_time == at(6)  # a late fill-in is not a new change of state
+    assert apply_update(late, update(TaskState.RUNNING, 40, start_time=at(3))) is late  # later: kept
+    assert apply_update(late, update(TaskState.RUNNING, 40, start_time=at(2))) is late  # the same
+
+
+def test_late_start_on_a_terminal_record_without_start() -> None:
+    cancelled = record(state=TaskState.CANCELLED, end_time=at(5))
+    assert apply_update(cancelled, update(TaskState.RUNNING, start_time=at(5))).start_time == at(5)
+    assert apply_update(cancelled, update(TaskState.RUNNING, start_time=at(6))) is cancelled
+
+
+def test_late_start_on_a_terminal_record_without_end() -> None:
+    done = record(state=TaskState.SUCCEEDED, start_time=at(5))
+    assert apply_update(done, update(TaskState.RUNNING, start_time=at(4))).start_time == at(4)
+
+
+@pytest.mark.parametrize("state", TERMINAL)
+def test_late_progress_fills_a_terminal_record_in_when_further(state: TaskState) -> None:
+    done = record(state=state, start_time=at(1), end_time=at(5), progress=Progress(29, 30, "29"))
+    final = apply_update(done, update(TaskState.RUNNING, 30, progress=Progress(30, 30, "30")))
+    assert final == dataclasses.replace(done, progress=Progress(30, 30, "30"))
+    for stale in (Progress(29, 30, "again"), Progress(28, 30), Progress(29, 40, "new total")):
+        assert apply_update(done, update(TaskState.RUNNING, 30, progress=stale)) is done  # ties keep
+    assert apply_update(done, update(TaskState.RUNNING, 30, progress=Progress(31, 40))).progress == Progress(
+        31, 40
+    )
+
+
+def test_late_progress_fills_a_terminal_record_without_progress() -> None:
+    done = record(state=TaskState.SUCCEEDED, start_time=at(1), end_time=at(5))
+    late = update(TaskState.RUNNING, 30, progress=Progress(0, 3), start_time=at(0))
+    assert apply_update(done, late) == dataclasses.replace(done, progress=Progress(0, 3), start_time=at(0))
+
+
+def test_success_before_started_ends_with_the_worker_s_start() -> None:
+    """The race the gateway lives with: SUCCESS recorded before its STARTED."""
+    queued = record()
+    done = apply_update(queued, update(TaskState.SUCCEEDED, 10, result=3, end_time=at(9)))
+    assert done.start_time == done.end_time == at(9)  # not_after(): no start known yet
+    started = apply_update(done, update(TaskState.RUNNING, 11, start_time=at(8)))
+    assert (started.start_time, started.end_time, started.state) == (at(8), at(9), TaskState.SUCCEEDED)
 
 
 def test_apply_update_sets_start_time_once() -> None:
@@ -151,7 +205,20 @@ def test_apply_update_returns_same_object_when_only_update_time_differs() -> Non
 
 def test_merge_keeps_terminal_older_over_non_terminal_newer() -> None:
     older = update(TaskState.SUCCEEDED, 10, result=3)
-    assert merge_updates(older, update(TaskState.RUNNING, 20, start_time=at(20))) is older
+    assert merge_updates(older, update(TaskState.RUNNING, 20, start_time=at(20))) is older  # after the end
+    assert merge_updates(older, update(TaskState.RUNNING, 20, retries=2)) is older
+
+
+def test_merge_of_terminal_older_takes_newer_earlier_start_and_further_progress() -> None:
+    older = update(TaskState.SUCCEEDED, 10, result=3, end_time=at(9))
+    newer = update(TaskState.RUNNING, 20, start_time=at(8), progress=Progress(30, 30), retries=1)
+    merged = merge_updates(older, newer)
+    assert merged == dataclasses.replace(older, start_time=at(8), progress=Progress(30, 30))
+    behind = update(TaskState.RUNNING, 30, start_time=at(8.5), progress=Progress(29, 30))
+    assert merge_updates(merged, behind) is merged
+    error = TaskError("ValueError", "boom")
+    failed = update(TaskState.FAILED, 10, error=error, progress=Progress(1, 2), start_time=at(3))
+    assert merge_updates(failed, newer) == dataclasses.replace(failed, progress=Progress(30, 30))
 
 
 def test_merge_takes_newer_terminal() -> None:
