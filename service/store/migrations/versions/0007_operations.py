@@ -1,0 +1,23 @@
+"""Operations: retention and adopted tasks.
+
+Reserved in the chain so the features land independently; its owner fills it in.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

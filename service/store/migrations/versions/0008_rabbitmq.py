@@ -1,0 +1,23 @@
+"""RabbitMQ and scale-out.
+
+Reserved in the chain so the features land independently; its owner fills it in.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
