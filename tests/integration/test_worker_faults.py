@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,16 +234,26 @@ async def test_the_feed_holds_every_state_a_worker_writes(fault_settings: Settin
     assert docs[-1]["result"] == 3 and docs[-1]["task_id"] == progress
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="gateway: a fast task's SUCCESS is sometimes recorded before its STARTED (start := end); "
-    "always with TASKGATE_STATE_FEED=false — the pub/sub path, not the worker",
-)
+async def settled(
+    stub: pb_grpc.TaskServiceStub, task: pb.Task, done: Callable[[pb.Task], bool], timeout: float = 10
+) -> pb.Task:
+    """The terminal ``task`` as GetStatus answers it once ``done`` (or after ``timeout``
+    seconds: the last answer, for the caller's assertions to explain). The first terminal
+    answer may come from Redis's latest document before a racing STARTED or PROGRESS of the
+    same run is recorded; the transition rule still fills those into the terminal record."""
+    deadline = time.monotonic() + timeout
+    while not done(task) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        task = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.task_id))).task
+    return task
+
+
 async def test_worker_start_time_is_before_end_time(fault_settings: Settings, tmp_path: Path) -> None:
     async with gateway_stub(fault_settings) as stub:
         with running_worker(fault_settings, tmp_path):
             task_id = await enqueue(stub, "demo.add", 1, 2)
             task = await wait_state(stub, task_id)
+            task = await settled(stub, task, lambda task: task.start_time != task.end_time)
     assert task.state == pb.TASK_STATE_SUCCEEDED
     started = next(doc for tid, doc in feed(fault_settings) if tid == task_id and doc["status"] == "STARTED")
     stamped = dt.datetime.fromisoformat(started["result"]["start_time"])
@@ -302,6 +312,7 @@ async def test_progress_tasks_survive_a_redis_blip(
             await asyncio.sleep(2)
             blip_redis.start()
             tasks = [await wait_state(stub, task_id, timeout=90) for task_id in ids]
+            tasks = [await settled(stub, task, lambda task: task.progress.current == 30) for task in tasks]
             assert worker.process.poll() is None, worker.output()
     for task in tasks:
         assert task.state == pb.TASK_STATE_SUCCEEDED, task
@@ -310,8 +321,5 @@ async def test_progress_tasks_survive_a_redis_blip(
         assert [doc["status"] for doc in written][-1] == "SUCCESS"
         last = [doc["result"] for doc in written if doc["status"] == "PROGRESS"][-1]
         assert (last["current"], last["total"]) == (30, 30)  # the worker wrote its final progress
-    kept = [task.progress.current == 30 for task in tasks]
-    if not all(kept):
-        pytest.xfail(
-            f"gateway: final progress lost for {kept.count(False)} of 10 (a terminal state won the race)"
-        )
+        # recorded even when the SUCCESS won the race (the terminal record takes it late)
+        assert (task.progress.current, task.progress.total) == (30, 30), task
