@@ -124,6 +124,14 @@ class Settings(CelerySettings):
     gc_policy: Literal["managed", "python"] = Field(
         "managed", validation_alias=_env("TASKGATE_GC", "gc_policy")
     )
+    #: host:port of the Prometheus ``/metrics`` endpoint (one per process); empty (the
+    #: default) = no metrics, at no cost.
+    metrics_listen: str = Field("", validation_alias=_env("TASKGATE_METRICS_LISTEN", "metrics_listen"))
+    #: Seconds a terminal task is kept before it is deleted (30 days by default); 0 = forever.
+    retention: float = Field(30 * 86400.0, ge=0, validation_alias=_env("TASKGATE_RETENTION", "retention"))
+    #: Record tasks seen in the result backend that no gateway enqueued (adopted; readable
+    #: with read_all only). Default off.
+    adopt_foreign: bool = Field(False, validation_alias=_env("TASKGATE_ADOPT_FOREIGN", "adopt_foreign"))
 
     @property
     def task_names(self) -> list[str]:
