@@ -72,3 +72,9 @@ def flaky(self: Any, tag: str, failures: int = 1) -> str:
 def echo(**kwargs: Any) -> dict[str, Any]:
     """Return the keyword arguments it was called with (kwargs named like enqueue options, too)."""
     return kwargs
+
+
+@app.task(name="demo.sum")
+def sum_(values: list[float]) -> float:
+    """Return the sum of ``values`` (a chord's callback: the list of its group's results)."""
+    return sum(values)
