@@ -112,6 +112,13 @@ sa.Index(
     postgresql_where=tasks.c.state.notin_(TERMINAL),
     sqlite_where=tasks.c.state.notin_(TERMINAL),
 )
+# Retention (service/store/operations.py; migration 0007): terminal tasks by last change.
+sa.Index(
+    "ix_tasks_retention",
+    tasks.c.update_time,
+    postgresql_where=tasks.c.state.in_(TERMINAL),
+    sqlite_where=tasks.c.state.in_(TERMINAL),
+)
 
 #: Every worker whose heartbeat key a gateway of this deployment has seen, and when it last
 #: saw it: only these are watched for lost work (a worker without the taskgate library never
