@@ -1,0 +1,270 @@
+"""The schedules table: CRUD, and the firing round that claims due schedules and inserts
+their tasks in one transaction.
+
+Due rows are claimed with ``FOR UPDATE OF schedules SKIP LOCKED``: two gateways never
+decide the same schedule at the same time, and the one that comes second finds it no
+longer due (``next_run_time`` advanced in the same commit). The fired task's request_id
+is derived from the schedule and the slot, and its insert is ``ON CONFLICT DO NOTHING``
+on ``(caller, request_id)``: even a slot decided twice yields one task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.domain.model import Delivery
+from service.domain.schedule import OverlapPolicy, Plan, Schedule, ScheduleExists, TaskTemplate, Timing
+from service.store.listing import transaction
+from service.store.rows import NewTask, insert_row
+from service.store.tables import TERMINAL, JSONType, UTCDateTime, metadata, tasks
+
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("schedule_id", sa.String(200), primary_key=True),
+    sa.Column("caller", sa.String(255), nullable=False, server_default=""),
+    sa.Column("spec", JSONType, nullable=False),
+    sa.Column("template", JSONType, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("overlap_policy", sa.String(16), nullable=False),
+    sa.Column("catchup_window", sa.Float, nullable=False),
+    sa.Column("next_run_time", UTCDateTime, nullable=True),
+    sa.Column("last_run_time", UTCDateTime, nullable=True),
+    sa.Column("last_task_id", sa.String(64), nullable=True),
+    sa.Column("skipped_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("anchor_time", UTCDateTime, nullable=False),
+    sa.Column("create_time", UTCDateTime, nullable=False),
+    sa.Column("update_time", UTCDateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Firing:
+    """What the use case decided for one due schedule: the plan, and the task to insert."""
+
+    plan: Plan
+    task: NewTask | None
+
+
+#: Decides a due schedule's round: ``(schedule, previous firing still running, now)``.
+Decide = Callable[[Schedule, bool, dt.datetime], Firing]
+
+
+def schedule_of(row: RowMapping) -> Schedule:
+    """The schedule of a row."""
+    return Schedule(
+        schedule_id=row["schedule_id"],
+        timing=Timing.from_json(dict(row["spec"])),
+        task=TaskTemplate.from_json(dict(row["template"])),
+        caller=row["caller"],
+        paused=row["paused"],
+        overlap_policy=OverlapPolicy(row["overlap_policy"]),
+        catchup_window=dt.timedelta(seconds=row["catchup_window"]),
+        next_run_time=row["next_run_time"],
+        last_run_time=row["last_run_time"],
+        last_task_id=row["last_task_id"] or "",
+        skipped_count=row["skipped_count"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        anchor_time=row["anchor_time"],
+    )
+
+
+def row_of(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as column values."""
+    return {
+        "schedule_id": schedule.schedule_id,
+        "caller": schedule.caller,
+        "spec": schedule.timing.to_json(),
+        "template": schedule.task.to_json(),
+        "paused": schedule.paused,
+        "overlap_policy": schedule.overlap_policy.value,
+        "catchup_window": schedule.catchup_window.total_seconds(),
+        "next_run_time": schedule.next_run_time,
+        "last_run_time": schedule.last_run_time,
+        "last_task_id": schedule.last_task_id or None,
+        "skipped_count": schedule.skipped_count,
+        "anchor_time": schedule.anchor_time,
+        "create_time": schedule.create_time,
+        "update_time": schedule.update_time,
+    }
+
+
+class ScheduleStore:
+    """Reads and writes schedules; fires due ones."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    async def create(self, schedule: Schedule) -> None:
+        """Record a new schedule.
+
+        Raises:
+            ScheduleExists: the schedule_id is taken.
+        """
+        statement = self._insert(schedules).values(row_of(schedule)).on_conflict_do_nothing()
+        async with transaction(self._engine) as conn:
+            if (await conn.execute(statement)).rowcount == 0:
+                raise ScheduleExists(
+                    f"schedule_id {schedule.schedule_id!r} is taken; choose another, or UpdateSchedule it"
+                )
+
+    async def get(self, schedule_id: str) -> Schedule | None:
+        """The schedule, or None."""
+        async with transaction(self._engine) as conn:
+            query = sa.select(schedules).where(schedules.c.schedule_id == schedule_id)
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else schedule_of(row)
+
+    async def page(self, after: str, limit: int, caller: str | None) -> list[Schedule]:
+        """Up to ``limit`` schedules in schedule_id order after ``after``; only ``caller``'s
+        unless None."""
+        query = sa.select(schedules).where(schedules.c.schedule_id > after)
+        if caller is not None:
+            query = query.where(schedules.c.caller == caller)
+        query = query.order_by(schedules.c.schedule_id).limit(limit)
+        async with transaction(self._engine) as conn:
+            return [schedule_of(row) for row in (await conn.execute(query)).mappings()]
+
+    async def update(
+        self, schedule_id: str, change: Callable[[Schedule], Schedule | None]
+    ) -> Schedule | None:
+        """Read the schedule locked, apply ``change``, write the result back.
+
+        ``change`` gets the current schedule and returns the new one (None: leave it); what
+        it raises rolls everything back. Returns the schedule as written (None: no such
+        schedule, or ``change`` declined).
+        """
+        async with transaction(self._engine) as conn:
+            query = sa.select(schedules).where(schedules.c.schedule_id == schedule_id).with_for_update()
+            row = (await conn.execute(query)).mappings().first()
+            if row is None:
+                return None
+            new = change(schedule_of(row))
+            if new is None:
+                return None
+            values = row_of(new)
+            await conn.execute(
+                schedules.update().where(schedules.c.schedule_id == schedule_id).values(values)
+            )
+        return new
+
+    async def delete(self, schedule_id: str) -> bool:
+        """Remove the schedule (its fired tasks stay). False when there was none."""
+        async with transaction(self._engine) as conn:
+            statement = schedules.delete().where(schedules.c.schedule_id == schedule_id)
+            return bool((await conn.execute(statement)).rowcount)
+
+    async def record_trigger(self, schedule_id: str, new: NewTask) -> bool:
+        """Insert a manual firing's task and note it on the schedule, in one transaction.
+
+        Returns:
+            False when the schedule is gone (nothing is recorded).
+        """
+        async with transaction(self._engine) as conn:
+            changed = await conn.execute(
+                schedules.update()
+                .where(schedules.c.schedule_id == schedule_id)
+                .values(last_task_id=new.task_id, last_run_time=new.create_time)
+            )
+            if not changed.rowcount:
+                return False
+            await conn.execute(tasks.insert().values(insert_row(new)))
+        return True
+
+    async def next_due(self) -> dt.datetime | None:
+        """The earliest next_run_time of an active schedule."""
+        query = sa.select(sa.func.min(schedules.c.next_run_time)).where(
+            schedules.c.paused.is_(False), schedules.c.next_run_time.isnot(None)
+        )
+        async with transaction(self._engine) as conn:
+            value = (await conn.execute(query)).scalar()
+        return None if value is None else UTCDateTime().process_result_value(value, self._engine.dialect)
+
+    async def fire_due(self, now: dt.datetime, limit: int, decide: Decide) -> tuple[int, list[Delivery]]:
+        """Claim up to ``limit`` due schedules, decide each, insert the tasks that fire and
+        advance the schedules, all in one transaction.
+
+        Returns:
+            How many schedules were claimed, and the deliveries of the tasks inserted (to
+            hand to the outbox; the relay publishes them anyway if this process dies).
+        """
+        previous = tasks.alias("previous")
+        query = (
+            sa.select(schedules, previous.c.state.label("previous_state"))
+            .select_from(schedules.outerjoin(previous, previous.c.task_id == schedules.c.last_task_id))
+            .where(
+                schedules.c.paused.is_(False),
+                schedules.c.next_run_time.isnot(None),
+                schedules.c.next_run_time <= now,
+            )
+            .order_by(schedules.c.next_run_time)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=schedules)
+        )
+        async with transaction(self._engine) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            if not rows:
+                return 0, []
+            firings = [(row, decide(schedule_of(row), _running(row["previous_state"]), now)) for row in rows]
+            news = [firing.task for _, firing in firings if firing.task is not None]
+            inserted = await self._insert_tasks(conn, news)
+            await self._advance(conn, firings, inserted)
+        return len(rows), [new.delivery for new in news if new.task_id in inserted]
+
+    async def _insert_tasks(self, conn: AsyncConnection, news: Sequence[NewTask]) -> set[str]:
+        """Insert the fired tasks; a slot already fired (same request_id) is left alone."""
+        if not news:
+            return set()
+        statement = (
+            self._insert(tasks)
+            .values([insert_row(new) for new in news])
+            .on_conflict_do_nothing()
+            .returning(tasks.c.task_id)
+        )
+        return set((await conn.execute(statement)).scalars())
+
+    @staticmethod
+    async def _advance(
+        conn: AsyncConnection,
+        firings: Sequence[tuple[RowMapping, Firing]],
+        inserted: set[str],
+    ) -> None:
+        """Write each claimed schedule's next slot, skipped count and last firing."""
+        values = []
+        for row, firing in firings:
+            fired = firing.task is not None and firing.task.task_id in inserted
+            values.append(
+                {
+                    "b_key": row["schedule_id"],
+                    "b_next": firing.plan.next_run_time,
+                    "b_skipped": row["skipped_count"] + firing.plan.skipped,
+                    "b_last_run": firing.plan.fire if fired else row["last_run_time"],
+                    "b_last_task": firing.task.task_id if fired and firing.task else row["last_task_id"],
+                }
+            )
+        statement = (
+            schedules.update()
+            .where(schedules.c.schedule_id == sa.bindparam("b_key"))
+            .values(
+                next_run_time=sa.bindparam("b_next", type_=UTCDateTime),
+                skipped_count=sa.bindparam("b_skipped"),
+                last_run_time=sa.bindparam("b_last_run", type_=UTCDateTime),
+                last_task_id=sa.bindparam("b_last_task"),
+            )
+        )
+        await conn.execute(statement, values)
+
+
+def _running(state: str | None) -> bool:
+    """The previous firing's state says it has not finished (None: no previous firing)."""
+    return state is not None and state not in TERMINAL

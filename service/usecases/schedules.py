@@ -1,0 +1,316 @@
+"""The schedule use cases: create, read, list, update, delete and trigger schedules, and
+the firing round the gateway runs as a background loop. No gRPC, SQL or Redis here.
+
+Every firing is an ordinary task (recorded, then published through the outbox) whose
+``schedule_id`` names the schedule. A slot's task has a request_id derived from the
+schedule and the slot (``domain.schedule.request_id_of``): any number of replicas firing
+the same slot record one task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass
+
+from service.broker.outbox import Outbox
+from service.domain.callers import OPEN, Caller
+from service.domain.catalog import Catalog
+from service.domain.errors import InvalidRequest, PermissionDenied
+from service.domain.model import Delivery, TaskState
+from service.domain.schedule import (
+    DEFAULT_CATCHUP,
+    OverlapPolicy,
+    Plan,
+    Schedule,
+    ScheduleNotFound,
+    TaskTemplate,
+    Timing,
+    check_schedule_id,
+    plan,
+    request_id_of,
+)
+from service.store.rows import NewTask
+from service.store.schedules import Firing, ScheduleStore
+
+log = logging.getLogger(__name__)
+
+#: The fields UpdateSchedule may change (``spec`` stands for whichever of cron and interval).
+WRITABLE = frozenset(
+    {"cron", "interval", "spec", "time_zone", "task", "paused", "overlap_policy", "catchup_window"}
+)
+_TIMING = frozenset({"cron", "interval", "spec"})
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A schedule as a caller wrote it (CreateSchedule, UpdateSchedule), decoded in form only."""
+
+    schedule_id: str
+    cron: str = ""
+    interval: dt.timedelta | None = None
+    time_zone: str = ""
+    task: TaskTemplate | None = None
+    paused: bool = False
+    overlap_policy: OverlapPolicy = OverlapPolicy.SKIP
+    catchup_window: dt.timedelta = DEFAULT_CATCHUP
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulePage:
+    """One page of schedules and the last id on it when more may follow (else None)."""
+
+    schedules: list[Schedule]
+    next_after: str | None
+
+
+class Schedules:
+    """Schedules over the schedule store; fires due slots."""
+
+    def __init__(
+        self,
+        store: ScheduleStore,
+        catalog: Catalog,
+        outbox: Outbox,
+        *,
+        batch: int = 200,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._outbox = outbox
+        self._batch = batch
+        self._poll = poll_interval
+
+    # --- CRUD ---------------------------------------------------------------------------
+
+    async def create(self, draft: Draft, caller: Caller = OPEN) -> Schedule:
+        """Validate and record a schedule; its first slot is computed from now.
+
+        Raises:
+            InvalidRequest: a bad id, spec, zone or task template (the message names the field).
+            PermissionDenied: the caller may not enqueue the template's task.
+            ScheduleExists: the schedule_id is taken.
+        """
+        check_schedule_id(draft.schedule_id)
+        if draft.task is None:
+            raise InvalidRequest("schedule.task is required (the task each firing enqueues)")
+        now = dt.datetime.now(dt.UTC)
+        schedule = Schedule(
+            schedule_id=draft.schedule_id,
+            timing=Timing(draft.cron, draft.interval, draft.time_zone),
+            task=self._checked(draft.task, caller),
+            caller=caller.name,
+            paused=draft.paused,
+            overlap_policy=draft.overlap_policy,
+            catchup_window=draft.catchup_window,
+            create_time=now,
+            update_time=now,
+            anchor_time=now,
+        ).with_next(now)
+        await self._store.create(schedule)
+        log.info(
+            "schedule_id=%s created by %r, next run %s",
+            schedule.schedule_id,
+            caller.name,
+            schedule.next_run_time,
+        )
+        return schedule
+
+    async def get(self, schedule_id: str, caller: Caller = OPEN) -> Schedule:
+        """The schedule.
+
+        Raises:
+            ScheduleNotFound: no such schedule, or one the caller may not see.
+        """
+        schedule = await self._store.get(check_schedule_id(schedule_id))
+        if schedule is None or not caller.may_read(schedule.caller):
+            raise _not_found(schedule_id)
+        return schedule
+
+    async def list(self, after: str, limit: int, caller: Caller = OPEN) -> SchedulePage:
+        """A page of the schedules the caller may see, in schedule_id order."""
+        found = await self._store.page(after, limit, None if caller.read_all else caller.name)
+        return SchedulePage(found, found[-1].schedule_id if len(found) == limit else None)
+
+    async def update(self, draft: Draft, fields: frozenset[str], caller: Caller = OPEN) -> Schedule:
+        """Change the masked ``fields`` of a schedule (AIP-134); the next slot is recomputed
+        when the spec, zone or paused state changes.
+
+        Raises:
+            InvalidRequest: an unknown field, or a bad new value.
+            PermissionDenied: another caller's schedule, or a task the caller may not enqueue.
+            ScheduleNotFound: no such schedule, or one the caller may not see.
+        """
+        unknown = sorted(fields - WRITABLE)
+        if unknown:
+            raise InvalidRequest(
+                f"update_mask names fields that cannot be changed: {', '.join(unknown)}; "
+                f"writable: {', '.join(sorted(WRITABLE))}"
+            )
+        now = dt.datetime.now(dt.UTC)
+
+        def change(current: Schedule) -> Schedule:
+            self._may_change(current, caller)
+            return self._merged(current, draft, fields, caller, now)
+
+        updated = await self._store.update(check_schedule_id(draft.schedule_id), change)
+        if updated is None:
+            raise _not_found(draft.schedule_id)
+        log.info(
+            "schedule_id=%s updated by %r (%s)", updated.schedule_id, caller.name, ", ".join(sorted(fields))
+        )
+        return updated
+
+    async def set_paused(self, schedule_id: str, paused: bool, caller: Caller = OPEN) -> Schedule:
+        """Pause or resume a schedule (``update`` of the ``paused`` field)."""
+        return await self.update(Draft(schedule_id, paused=paused), frozenset({"paused"}), caller)
+
+    async def delete(self, schedule_id: str, caller: Caller = OPEN) -> None:
+        """Remove a schedule; the tasks it fired stay.
+
+        Raises:
+            PermissionDenied: another caller's schedule.
+            ScheduleNotFound: no such schedule, or one the caller may not see.
+        """
+        self._may_change(await self.get(schedule_id, caller), caller)
+        if not await self._store.delete(schedule_id):
+            raise _not_found(schedule_id)
+        log.info("schedule_id=%s deleted by %r", schedule_id, caller.name)
+
+    async def trigger(self, schedule_id: str, caller: Caller = OPEN) -> str:
+        """Fire the schedule once now, outside its slots; returns the task id.
+
+        Raises:
+            PermissionDenied: another caller's schedule, or a task the caller may not enqueue.
+            ScheduleNotFound: no such schedule, or one the caller may not see.
+            InvalidRequest: the template no longer fits the catalog.
+        """
+        schedule = await self.get(schedule_id, caller)
+        self._may_change(schedule, caller)
+        self._checked(schedule.task, caller)
+        now = dt.datetime.now(dt.UTC)
+        new = self._new_task(schedule, now, f"schedule:{schedule_id}:trigger:{uuid.uuid4().hex}")
+        await self._outbox.room()
+        if not await self._store.record_trigger(schedule_id, new):
+            raise _not_found(schedule_id)
+        self._outbox.submit(new.delivery)
+        log.info("task_id=%s schedule_id=%s triggered by %r", new.task_id, schedule_id, caller.name)
+        return new.task_id
+
+    # --- firing -------------------------------------------------------------------------
+
+    async def step(self) -> float:
+        """One firing round (the ``schedules`` loop): fire what is due, hand it to the outbox.
+
+        Returns:
+            0 when a full batch was claimed (more may be due), else the poll interval.
+        """
+        await self._outbox.room()
+        claimed, deliveries = await self._store.fire_due(dt.datetime.now(dt.UTC), self._batch, self._decide)
+        if deliveries:
+            self._outbox.submit_many(deliveries)
+        return 0.0 if claimed >= self._batch else self._poll
+
+    def _decide(self, schedule: Schedule, previous_running: bool, now: dt.datetime) -> Firing:
+        decided = plan(schedule, now, previous_running=previous_running)
+        if decided.fire is None:
+            if decided.skipped:
+                log.info("schedule_id=%s: %d slot(s) skipped", schedule.schedule_id, decided.skipped)
+            return Firing(decided, None)
+        try:
+            self._catalog.check(schedule.task.task_name, schedule.task.args, schedule.task.kwargs)
+        except InvalidRequest as exc:
+            log.warning("schedule_id=%s: slot %s skipped: %s", schedule.schedule_id, decided.fire, exc)
+            return Firing(Plan(None, decided.skipped + 1, decided.next_run_time), None)
+        new = self._new_task(schedule, now, request_id_of(schedule, decided.fire))
+        log.info("task_id=%s schedule_id=%s fires slot %s", new.task_id, schedule.schedule_id, decided.fire)
+        return Firing(decided, new)
+
+    def _new_task(self, schedule: Schedule, now: dt.datetime, request_id: str) -> NewTask:
+        """The task of one firing at ``now``."""
+        spec = schedule.task.spec(now, request_id)
+        delivery = Delivery(
+            task_id=str(uuid.uuid4()),
+            task_name=spec.task_name,
+            args=spec.args,
+            kwargs=spec.kwargs,
+            run_time=now,
+            queue=spec.queue,
+            priority=spec.priority,
+            expire_time=spec.expire_time,
+            headers=spec.headers,
+            time_limit=spec.time_limit,
+            soft_time_limit=spec.soft_time_limit,
+        )
+        return NewTask(
+            delivery=delivery,
+            state=TaskState.QUEUED,
+            caller=schedule.caller,
+            request_id=request_id,
+            create_time=now,
+            fingerprint=spec.fingerprint(),
+            publish_after=now + self._outbox.lease,
+            held=False,
+            schedule_id=schedule.schedule_id,
+        )
+
+    # --- checks -------------------------------------------------------------------------
+
+    def _checked(self, template: TaskTemplate, caller: Caller) -> TaskTemplate:
+        """The template, checked as Enqueue checks a task (permission, catalog, signature)."""
+        if not caller.may_enqueue(template.task_name):
+            raise PermissionDenied(f"caller {caller.name!r} may not enqueue {template.task_name!r}")
+        try:
+            self._catalog.check(template.task_name, template.args, template.kwargs)
+        except InvalidRequest as exc:
+            raise type(exc)(f"schedule.task: {exc}") from None
+        return template
+
+    @staticmethod
+    def _may_change(schedule: Schedule, caller: Caller) -> None:
+        if schedule.caller == caller.name:
+            return
+        if caller.may_read(schedule.caller):
+            raise PermissionDenied(
+                f"schedule {schedule.schedule_id!r} belongs to caller {schedule.caller!r}; "
+                f"caller {caller.name!r} may read it but not change it"
+            )
+        raise _not_found(schedule.schedule_id)
+
+    def _merged(
+        self, current: Schedule, draft: Draft, fields: frozenset[str], caller: Caller, now: dt.datetime
+    ) -> Schedule:
+        """``current`` with the masked fields of ``draft``."""
+        timing = current.timing
+        if fields & _TIMING or "time_zone" in fields:
+            cron, interval = timing.cron, timing.interval
+            if fields & _TIMING:
+                cron, interval = draft.cron, draft.interval
+            zone = draft.time_zone if "time_zone" in fields else timing.time_zone
+            timing = Timing(cron, interval, zone)
+        task = current.task
+        if "task" in fields:
+            if draft.task is None:
+                raise InvalidRequest("schedule.task is required when update_mask names it")
+            task = draft.task
+        new = dataclasses.replace(
+            current,
+            timing=timing,
+            task=self._checked(task, caller),
+            paused=draft.paused if "paused" in fields else current.paused,
+            overlap_policy=draft.overlap_policy if "overlap_policy" in fields else current.overlap_policy,
+            catchup_window=draft.catchup_window if "catchup_window" in fields else current.catchup_window,
+            update_time=now,
+        )
+        if timing != current.timing:
+            new = dataclasses.replace(new, anchor_time=now)
+        if timing != current.timing or new.paused != current.paused:
+            new = new.with_next(now)
+        return new
+
+
+def _not_found(schedule_id: str) -> ScheduleNotFound:
+    return ScheduleNotFound(f"no schedule with id {schedule_id!r} (or not one this caller may see)")
