@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from grpc_health.v1 import health_pb2
 from sqlalchemy.engine import make_url
 
+from service.api import metrics as rpc_metrics
 from service.api.auth import StartupError, security_from_settings
 from service.api.health import HealthServicer
 from service.api.limits import ServiceLimits
 from service.api.server import SERVICE_NAME, build_server
 from service.broker.control import CancelSignals
+from service.broker.fleet import QueueDepths, WorkerInspector
 from service.broker.inspect import BrokerInspector
 from service.broker.outbox import Outbox
 from service.broker.publisher import Publisher, publisher_for, send_only_app
@@ -32,15 +34,18 @@ from service.results.feed import StateFeed
 from service.results.hub import ProgressHub
 from service.results.recorder import Recorder
 from service.results.recovery import ResultKeys
+from service.runtime import telemetry
 from service.runtime.gcpolicy import GcPolicy
 from service.runtime.loopwatch import LoopWatch
 from service.runtime.supervise import Backoff, Supervisor
 from service.store.cancel import CancelStore
 from service.store.listing import TaskListing
 from service.store.migrate import check_current
+from service.store.operations import OperationsStore
 from service.store.recovery import RecoveryStore
 from service.store.tasks import TaskStore
 from service.usecases.control import Control
+from service.usecases.operations import Operations
 from service.usecases.recovery import Recovery, RecoverySettings
 from service.usecases.tasks import Gateway, Limits
 
@@ -68,6 +73,7 @@ class Runtime:
     loops: Supervisor = field(default_factory=Supervisor)
     feed: StateFeed | None = None
     recovery: Recovery | None = None
+    operations: Operations | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -82,7 +88,7 @@ class Runtime:
         except BaseException:
             await store.close()
             raise
-        publisher = publisher_for(settings)
+        publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority)
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
@@ -116,6 +122,7 @@ class Runtime:
         if self.settings.state_feed:
             self._start_feed()
         self._start_recovery()
+        self._start_operations()
 
     def _start_feed(self) -> None:
         settings = self.settings
@@ -142,6 +149,25 @@ class Runtime:
             ),
         )
         self.loops.start("recovery", self.recovery.step, backoff=Backoff(first=1.0))
+
+    def _start_operations(self) -> None:
+        settings = self.settings
+        inspector = WorkerInspector(send_only_app(settings))
+        self.operations = Operations(
+            OperationsStore(self.store.engine),
+            QueueDepths.from_settings(settings),
+            inspector,
+            retention=settings.retention,
+        )
+        self.loops.start("retention", self.operations.retention_step, backoff=Backoff(first=5.0, cap=60.0))
+        self.loops.start("gauges", self.operations.gauge_step, backoff=Backoff(first=5.0, cap=60.0))
+
+    def start_metrics(self) -> int:
+        """Serve this process's metrics on TASKGATE_METRICS_LISTEN; returns the port."""
+        metrics, port = telemetry.enable(self.settings.metrics_listen, _catalog(self.settings).names)
+        rpc_metrics.enable(metrics.registry)
+        metrics.watch_streams(lambda: self.hub.watcher_count)
+        return port
 
     async def check_health(self) -> bool:
         """True when the database, Redis and the broker all answer; any failure is logged."""
@@ -181,6 +207,8 @@ class Runtime:
         await self.publisher.aclose()
         if self.gateway.control is not None:
             await self.gateway.control.aclose()
+        if self.operations is not None:
+            await self.operations.aclose()
         await self.store.close()
 
 
@@ -206,6 +234,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         raise SystemExit(2) from None
     log.info("database %s", masked_url(settings.database_url))
     runtime = await Runtime.start(settings)
+    if settings.metrics_listen:
+        runtime.start_metrics()
     watch = LoopWatch()  # stopped with the runtime's other loops
     collector = GcPolicy(settings.gc_policy, quiet=lambda: runtime.hub.watcher_count == 0)
     runtime.loops.start("loopwatch", watch.run)
@@ -218,6 +248,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             security=security,
             limits=ServiceLimits.from_settings(settings),
             reuse_port=settings.reuse_port,
+            operations=runtime.operations,
         )
     except BaseException:
         await runtime.stop()

@@ -70,6 +70,12 @@ class Settings(CelerySettings):
     lost_queued_after: float = Field(
         60.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
     )
+    #: RabbitMQ brokers: the ``x-max-priority`` the gateway declares queues with; must equal
+    #: the workers' ``task_queue_max_priority`` (RabbitMQ refuses a queue declared twice with
+    #: other arguments). Empty (default): queues without priorities, as Celery's default.
+    queue_max_priority: int | None = Field(
+        None, ge=1, le=255, validation_alias=_env("TASKGATE_QUEUE_MAX_PRIORITY", "queue_max_priority")
+    )
     #: Database connection pool size.
     db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
     #: Seconds in-flight calls get to finish on SIGTERM.
