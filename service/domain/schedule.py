@@ -53,6 +53,8 @@ DEFAULT_CATCHUP = dt.timedelta(seconds=60)
 ON_TIME = dt.timedelta(seconds=10)
 #: Most missed slots counted for one gap (a minutely cron down for a year is 525,600).
 MAX_COUNTED = 10_000
+#: The default of the time fields a schedule gets when stored.
+NEVER = dt.datetime.min.replace(tzinfo=UTC)
 
 
 class ScheduleNotFound(TaskNotFound):
@@ -129,7 +131,8 @@ class Timing:
         if self.cron:
             object.__setattr__(self, "cron", cron_fields(self.cron))
         elif self.interval is not None and self.interval < MIN_INTERVAL:
-            raise InvalidRequest(f"interval must be at least 1 second; got {self.interval.total_seconds():g} s")
+            seconds = self.interval.total_seconds()
+            raise InvalidRequest(f"interval must be at least 1 second; got {seconds:g} s")
         zone_of(self.time_zone)
 
     def next_after(self, moment: dt.datetime, anchor: dt.datetime) -> dt.datetime:
@@ -225,10 +228,10 @@ class Schedule:
     last_task_id: str = ""
     #: slots that did not fire: overlap (SKIP), missed beyond the catch-up window
     skipped_count: int = 0
-    create_time: dt.datetime = dt.datetime.min.replace(tzinfo=UTC)
-    update_time: dt.datetime = dt.datetime.min.replace(tzinfo=UTC)
+    create_time: dt.datetime = NEVER
+    update_time: dt.datetime = NEVER
     #: where interval slots count from (the create time, or the last change of timing)
-    anchor_time: dt.datetime = dt.datetime.min.replace(tzinfo=UTC)
+    anchor_time: dt.datetime = NEVER
 
     def with_next(self, now: dt.datetime) -> Schedule:
         """This schedule with ``next_run_time`` set from ``now`` (None while paused)."""
