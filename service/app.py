@@ -43,10 +43,12 @@ from service.store.listing import TaskListing
 from service.store.migrate import check_current
 from service.store.operations import OperationsStore
 from service.store.recovery import RecoveryStore
+from service.store.schedules import ScheduleStore
 from service.store.tasks import TaskStore
 from service.usecases.control import Control
 from service.usecases.operations import Operations
 from service.usecases.recovery import Recovery, RecoverySettings
+from service.usecases.schedules import Schedules
 from service.usecases.tasks import Gateway, Limits
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class Runtime:
     feed: StateFeed | None = None
     recovery: Recovery | None = None
     operations: Operations | None = None
+    schedules: Schedules | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -123,6 +126,7 @@ class Runtime:
             self._start_feed()
         self._start_recovery()
         self._start_operations()
+        self._start_schedules()
 
     def _start_feed(self) -> None:
         settings = self.settings
@@ -161,6 +165,14 @@ class Runtime:
         )
         self.loops.start("retention", self.operations.retention_step, backoff=Backoff(first=5.0, cap=60.0))
         self.loops.start("gauges", self.operations.gauge_step, backoff=Backoff(first=5.0, cap=60.0))
+
+    def _start_schedules(self) -> None:
+        settings = self.settings
+        store = ScheduleStore(self.store.engine)
+        self.schedules = Schedules(
+            store, _catalog(settings), self.outbox, poll_interval=settings.schedule_poll_interval
+        )
+        self.loops.start("schedules", self.schedules.step, backoff=Backoff(first=0.5))
 
     def start_metrics(self) -> int:
         """Serve this process's metrics on TASKGATE_METRICS_LISTEN; returns the port."""
@@ -249,6 +261,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             limits=ServiceLimits.from_settings(settings),
             reuse_port=settings.reuse_port,
             operations=runtime.operations,
+            schedules=runtime.schedules,
         )
     except BaseException:
         await runtime.stop()

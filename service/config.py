@@ -41,6 +41,11 @@ class Settings(CelerySettings):
     outbox_poll_interval: float = Field(
         0.5, gt=0, validation_alias=_env("TASKGATE_OUTBOX_POLL_INTERVAL", "outbox_poll_interval")
     )
+    #: Seconds between polls for due schedule slots (the longest a firing waits past its
+    #: slot while nothing else is due); default 0.5.
+    schedule_poll_interval: float = Field(
+        0.5, gt=0, validation_alias=_env("TASKGATE_SCHEDULE_POLL_INTERVAL", "schedule_poll_interval")
+    )
     #: Seconds a publisher's claim on an outbox row keeps other replicas off it.
     publish_lease: float = Field(30.0, gt=0, validation_alias=_env("TASKGATE_PUBLISH_LEASE", "publish_lease"))
     #: Seconds between reconcile passes that re-read unfinished tasks from Redis.

@@ -11,8 +11,14 @@ from grpc_reflection.v1alpha import reflection
 from service.api.auth import Authenticator, AuthInterceptor, Security
 from service.api.health import HealthServicer
 from service.api.limits import ServiceLimits
+from service.api.operations import SERVICE_NAME as OPERATIONS_SERVICE_NAME
+from service.api.operations import OperationsServicer
+from service.api.schedules import ScheduleServicer
 from service.api.servicer import TaskServicer
+from service.usecases.operations import Operations
+from service.usecases.schedules import Schedules
 from service.usecases.tasks import Gateway
+from taskgate.v1 import operations_service_pb2_grpc, schedule_service_pb2, schedule_service_pb2_grpc
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
@@ -29,6 +35,8 @@ def build_server(
     security: Security | None = None,
     limits: ServiceLimits | None = None,
     reuse_port: bool = False,
+    operations: Operations | None = None,
+    schedules: Schedules | None = None,
 ) -> tuple[aio.Server, int]:
     """A gRPC server with TaskService, health and reflection, bound to ``listen``.
 
@@ -40,6 +48,8 @@ def build_server(
         limits: Request and stream limits; None = the defaults.
         reuse_port: Let other processes bind the same port (SO_REUSEPORT, for deliberate
             replicas); off, a port in use is an error.
+        operations: The operators' use cases (OperationsService); None = not offered.
+        schedules: The schedule use cases (ScheduleService); None = not offered.
 
     Returns:
         The (not yet started) server and the port it bound (useful with port 0).
@@ -63,7 +73,15 @@ def build_server(
     pb_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    names = (SERVICE_NAME, health_name, reflection.SERVICE_NAME)
+    names: tuple[str, ...] = (SERVICE_NAME, health_name, reflection.SERVICE_NAME)
+    if schedules is not None:
+        scheduler = ScheduleServicer(schedules, security.authenticator, limits.input)
+        schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server(scheduler, server)
+        names += (schedule_service_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,)
+    if operations is not None:
+        ops = OperationsServicer(operations, security.authenticator)
+        operations_service_pb2_grpc.add_OperationsServiceServicer_to_server(ops, server)
+        names += (OPERATIONS_SERVICE_NAME,)
     reflection.enable_server_reflection(names, server)
     hint = "" if reuse_port else " (address in use? TASKGATE_REUSE_PORT=1 lets replicas share a port)"
     try:
