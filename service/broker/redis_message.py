@@ -89,7 +89,10 @@ def _repr(value: Any) -> str:
 
 
 def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> bytes:
-    """The JSON document ``send_task`` would store for ``delivery`` (protocol v2)."""
+    """The JSON document ``send_task`` would store for ``delivery`` (protocol v2); a
+    delivery carrying Celery's own ``message`` (a workflow step) keeps its headers and body."""
+    if delivery.message is not None:
+        return _document(delivery, delivery.message["body"], delivery.message["headers"], layout, now)
     body = orjson.dumps([delivery.args, delivery.kwargs, _EMBED])
     eta = delivery.run_time.isoformat() if delivery.run_time > now else None
     expires = delivery.expire_time.isoformat() if delivery.expire_time is not None else None
@@ -117,6 +120,20 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
     }
     if delivery.headers:
         headers.update(delivery.headers)
+    return _document(delivery, body, headers, layout, now)
+
+
+def _document(
+    delivery: Delivery,
+    body: bytes | list[Any],
+    headers: dict[str, Any],
+    layout: RedisLayout,
+    now: dt.datetime,
+) -> bytes:
+    """The message around ``body`` (JSON, or the value to encode) and ``headers``."""
+    if not isinstance(body, bytes):
+        body = orjson.dumps(body)
+        headers = {**headers, "origin": layout.origin}
     properties: dict[str, Any] = {
         "correlation_id": delivery.task_id,
         "reply_to": layout.reply_to,

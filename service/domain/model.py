@@ -161,6 +161,10 @@ class Delivery:
     #: seconds: Celery's hard and soft time limits (the ``timelimit`` header); None: none
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    #: the whole message as Celery's canvas builds it (``{"headers": …, "body": [args,
+    #: kwargs, embed]}``: a workflow's entry step, with its chain, group and chord); None:
+    #: built from the fields above
+    message: dict[str, Any] | None = None
 
 
 def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:

@@ -28,8 +28,9 @@ class NewTask:
     create_time: dt.datetime
     #: digest of the request (only needed with a request_id; empty otherwise)
     fingerprint: str
-    #: when the outbox may publish it (the fast path's lease, or a held task's due time)
-    publish_after: dt.datetime
+    #: when the outbox may publish it (the fast path's lease, or a held task's due time);
+    #: None: the gateway never publishes it (a workflow step the workers send)
+    publish_after: dt.datetime | None
     #: kept in the database until it is due (not handed to the fast path)
     held: bool
     #: the schedule that fired it ("" when none)
@@ -100,6 +101,8 @@ def options_of(delivery: Delivery) -> dict[str, Any]:
         options["time_limit"] = delivery.time_limit
     if delivery.soft_time_limit is not None:
         options["soft_time_limit"] = delivery.soft_time_limit
+    if delivery.message is not None:
+        options["message"] = delivery.message  # a workflow step: republished as it was built
     return options
 
 
@@ -119,6 +122,7 @@ def delivery_of(row: Mapping[Any, Any]) -> Delivery:
         headers=dict(options.get("headers") or {}),
         time_limit=options.get("time_limit"),
         soft_time_limit=options.get("soft_time_limit"),
+        message=options.get("message"),
     )
 
 

@@ -1,0 +1,174 @@
+"""The workflows table, and a workflow's steps (tasks rows with ``workflow_id``) as one.
+
+A workflow and all its steps are recorded in one transaction (``insert``): the entry
+steps QUEUED with their outbox mark, the others WAITING without one but with a
+``publish_time`` (the workers send them: to CancelTask and the reconcile they are
+published tasks, read from Redis like any other).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.domain.errors import RequestIdConflict
+from service.domain.model import TaskError, TaskRecord, TaskState
+from service.domain.workflow import WorkflowRecord, from_json, to_json
+from service.store import postgres
+from service.store.listing import record_with_marks, transaction
+from service.store.rows import NewTask, insert_row, vars_of
+from service.store.tables import TERMINAL, JSONType, UTCDateTime, tasks
+
+workflows = sa.Table(
+    "workflows",
+    sa.MetaData(),
+    sa.Column("workflow_id", sa.String(64), primary_key=True),
+    sa.Column("caller", sa.String(255), nullable=False, server_default=""),
+    sa.Column("request_id", sa.String(255), nullable=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("tree", JSONType, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("create_time", UTCDateTime, nullable=False),
+    sa.Column("end_time", UTCDateTime, nullable=True),
+)
+
+
+def _record(row: Mapping[Any, Any]) -> WorkflowRecord:
+    return WorkflowRecord(
+        workflow_id=row["workflow_id"],
+        caller=row["caller"],
+        request_id=row["request_id"] or "",
+        fingerprint=row["fingerprint"],
+        root=from_json(row["tree"]),
+        state=TaskState(row["state"]),
+        create_time=row["create_time"],
+        end_time=row["end_time"],
+    )
+
+
+class WorkflowStore:
+    """Reads and writes workflows and their steps."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+
+    async def insert(self, workflow: WorkflowRecord, steps: Sequence[NewTask]) -> WorkflowRecord | None:
+        """Record a workflow and every step, all or nothing.
+
+        Returns:
+            None for a new workflow; the original for a request_id used before with the
+            same workflow (nothing is recorded then).
+
+        Raises:
+            RequestIdConflict: the request_id was used before for another workflow.
+            DatabaseUnavailable: nothing was recorded.
+        """
+        async with transaction(self._engine) as conn:
+            if workflow.request_id:
+                original = await self._original(conn, workflow)
+                if original is not None:
+                    return original
+            try:
+                async with conn.begin_nested():
+                    await self._insert(conn, workflow, steps)
+            except sa.exc.IntegrityError:
+                original = await self._original(conn, workflow)
+                if original is None:
+                    raise
+                return original
+        return None
+
+    async def _insert(
+        self, conn: AsyncConnection, workflow: WorkflowRecord, steps: Sequence[NewTask]
+    ) -> None:
+        await conn.execute(
+            workflows.insert().values(
+                workflow_id=workflow.workflow_id,
+                caller=workflow.caller,
+                request_id=workflow.request_id or None,
+                fingerprint=workflow.fingerprint,
+                tree=to_json(workflow.root),
+                state=workflow.state.value,
+                create_time=workflow.create_time,
+            )
+        )
+        if self._postgres:
+            await postgres.insert_rows(conn, steps)
+        else:
+            await conn.execute(tasks.insert(), [insert_row(new) for new in steps])
+        await conn.execute(
+            tasks.update()
+            .where(tasks.c.workflow_id == workflow.workflow_id, tasks.c.state == TaskState.WAITING.value)
+            .values(publish_time=tasks.c.create_time)
+        )
+
+    async def _original(self, conn: AsyncConnection, workflow: WorkflowRecord) -> WorkflowRecord | None:
+        query = sa.select(workflows).where(
+            workflows.c.caller == workflow.caller, workflows.c.request_id == workflow.request_id
+        )
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            return None
+        if row["fingerprint"] != workflow.fingerprint:
+            raise RequestIdConflict(
+                f"request_id {workflow.request_id!r} was already used for a different workflow "
+                f"({row['workflow_id']}); use a new request_id for a new workflow"
+            )
+        return _record(row)
+
+    async def get(self, workflow_id: str) -> WorkflowRecord | None:
+        """The workflow, or None."""
+        async with transaction(self._engine) as conn:
+            query = sa.select(workflows).where(workflows.c.workflow_id == workflow_id)
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _record(row)
+
+    async def steps(self, workflow_id: str) -> dict[str, TaskRecord]:
+        """Every step's task record (with its cancel mark), by task id."""
+        async with transaction(self._engine) as conn:
+            rows = (await conn.execute(sa.select(tasks).where(tasks.c.workflow_id == workflow_id))).mappings()
+            return {row["task_id"]: record_with_marks(row) for row in rows}
+
+    async def active(self, limit: int) -> list[WorkflowRecord]:
+        """Up to ``limit`` workflows not yet terminal, oldest first."""
+        async with transaction(self._engine) as conn:
+            query = (
+                sa.select(workflows)
+                .where(workflows.c.state.notin_(TERMINAL))
+                .order_by(workflows.c.create_time)
+                .limit(limit)
+            )
+            return [_record(row) for row in (await conn.execute(query)).mappings()]
+
+    async def cancel_waiting(self, errors: Mapping[str, TaskError], now: dt.datetime) -> int:
+        """End WAITING steps CANCELLED, each with its error; returns how many changed."""
+        changed = 0
+        async with transaction(self._engine) as conn:
+            for task_id, error in sorted(errors.items()):
+                statement = (
+                    tasks.update()
+                    .where(tasks.c.task_id == task_id, tasks.c.state == TaskState.WAITING.value)
+                    .values(
+                        state=TaskState.CANCELLED.value,
+                        error=vars_of(error),
+                        end_time=now,
+                        update_time=now,
+                        publish_after=None,
+                    )
+                )
+                changed += (await conn.execute(statement)).rowcount
+        return changed
+
+    async def finish(self, workflow_id: str, state: TaskState, now: dt.datetime) -> None:
+        """Record the workflow's terminal state (once)."""
+        async with transaction(self._engine) as conn:
+            await conn.execute(
+                workflows.update()
+                .where(workflows.c.workflow_id == workflow_id, workflows.c.state.notin_(TERMINAL))
+                .values(state=state.value, end_time=now)
+            )
