@@ -23,6 +23,7 @@ from service.api.auth import StartupError, security_from_settings
 from service.api.health import HealthServicer
 from service.api.limits import ServiceLimits
 from service.api.server import SERVICE_NAME, build_server
+from service.broker.canvas import CanvasCapture
 from service.broker.control import CancelSignals
 from service.broker.fleet import QueueDepths, WorkerInspector
 from service.broker.inspect import BrokerInspector
@@ -30,6 +31,7 @@ from service.broker.outbox import Outbox
 from service.broker.publisher import Publisher, publisher_for, send_only_app
 from service.config import Settings
 from service.domain.catalog import Catalog
+from service.results.chords import BackendWriter
 from service.results.feed import StateFeed
 from service.results.hub import ProgressHub
 from service.results.recorder import Recorder
@@ -45,11 +47,13 @@ from service.store.operations import OperationsStore
 from service.store.recovery import RecoveryStore
 from service.store.schedules import ScheduleStore
 from service.store.tasks import TaskStore
+from service.store.workflows import WorkflowStore
 from service.usecases.control import Control
 from service.usecases.operations import Operations
 from service.usecases.recovery import Recovery, RecoverySettings
 from service.usecases.schedules import Schedules
 from service.usecases.tasks import Gateway, Limits
+from service.usecases.workflows import Workflows
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,8 @@ class Runtime:
     recovery: Recovery | None = None
     operations: Operations | None = None
     schedules: Schedules | None = None
+    workflows: Workflows | None = None
+    chord_writer: BackendWriter | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -127,6 +133,7 @@ class Runtime:
         self._start_recovery()
         self._start_operations()
         self._start_schedules()
+        self._start_workflows()
 
     def _start_feed(self) -> None:
         settings = self.settings
@@ -174,6 +181,20 @@ class Runtime:
         )
         self.loops.start("schedules", self.schedules.step, backoff=Backoff(first=0.5))
 
+    def _start_workflows(self) -> None:
+        settings = self.settings
+        self.chord_writer = BackendWriter.from_settings(settings)
+        self.workflows = Workflows(
+            WorkflowStore(self.store.engine),
+            _catalog(settings),
+            self.outbox,
+            CanvasCapture(settings),
+            self.chord_writer,
+            self.gateway.control,
+            max_tasks=settings.max_batch,
+        )
+        self.loops.start("workflows", self.workflows.step, backoff=Backoff(first=0.5))
+
     def start_metrics(self) -> int:
         """Serve this process's metrics on TASKGATE_METRICS_LISTEN; returns the port."""
         metrics, port = telemetry.enable(self.settings.metrics_listen, _catalog(self.settings).names)
@@ -217,6 +238,8 @@ class Runtime:
         if self.recovery is not None:
             await self.recovery.aclose()
         await self.publisher.aclose()
+        if self.chord_writer is not None:
+            await self.chord_writer.aclose()
         if self.gateway.control is not None:
             await self.gateway.control.aclose()
         if self.operations is not None:
@@ -262,6 +285,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             reuse_port=settings.reuse_port,
             operations=runtime.operations,
             schedules=runtime.schedules,
+            workflows=runtime.workflows,
         )
     except BaseException:
         await runtime.stop()

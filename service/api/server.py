@@ -15,10 +15,18 @@ from service.api.operations import SERVICE_NAME as OPERATIONS_SERVICE_NAME
 from service.api.operations import OperationsServicer
 from service.api.schedules import ScheduleServicer
 from service.api.servicer import TaskServicer
+from service.api.workflows import WorkflowServicer
 from service.usecases.operations import Operations
 from service.usecases.schedules import Schedules
 from service.usecases.tasks import Gateway
-from taskgate.v1 import operations_service_pb2_grpc, schedule_service_pb2, schedule_service_pb2_grpc
+from service.usecases.workflows import Workflows
+from taskgate.v1 import (
+    operations_service_pb2_grpc,
+    schedule_service_pb2,
+    schedule_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
@@ -37,6 +45,7 @@ def build_server(
     reuse_port: bool = False,
     operations: Operations | None = None,
     schedules: Schedules | None = None,
+    workflows: Workflows | None = None,
 ) -> tuple[aio.Server, int]:
     """A gRPC server with TaskService, health and reflection, bound to ``listen``.
 
@@ -50,6 +59,7 @@ def build_server(
             replicas); off, a port in use is an error.
         operations: The operators' use cases (OperationsService); None = not offered.
         schedules: The schedule use cases (ScheduleService); None = not offered.
+        workflows: The workflow use cases (WorkflowService); None = not offered.
 
     Returns:
         The (not yet started) server and the port it bound (useful with port 0).
@@ -82,6 +92,10 @@ def build_server(
         ops = OperationsServicer(operations, security.authenticator)
         operations_service_pb2_grpc.add_OperationsServiceServicer_to_server(ops, server)
         names += (OPERATIONS_SERVICE_NAME,)
+    if workflows is not None:
+        flows = WorkflowServicer(workflows, security.authenticator, limits)
+        workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(flows, server)
+        names += (workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,)
     reflection.enable_server_reflection(names, server)
     hint = "" if reuse_port else " (address in use? TASKGATE_REUSE_PORT=1 lets replicas share a port)"
     try:
