@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from grpc import aio
 from grpc_status import rpc_status
 
+from service.api import metrics
 from service.domain.errors import (
     InvalidRequest,
     InvalidTasks,
@@ -99,28 +100,63 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception, method:
     await context.abort(code, message)
 
 
+async def _measured(call: metrics.Call, method: Any, servicer: Any, request: Any, context: Any) -> Any:
+    """A unary call with metrics on: the same boundary, counted with its status code."""
+    code = "OK"
+    try:
+        return await method(servicer, request, context)
+    except aio.AbortError:
+        code = metrics.code_of(context)
+        raise
+    except Exception as exc:  # noqa: BLE001 - this is the boundary
+        code = code_for(exc).name
+        await _abort(context, exc, method.__name__)
+    except BaseException:
+        code = "CANCELLED"
+        raise
+    finally:
+        call.done(code)
+
+
 def grpc_errors(method: F) -> F:
     """Decorate a servicer method (unary or server-streaming) with the error mapping.
 
-    ``asyncio.CancelledError`` and gRPC's own abort pass through untouched.
+    ``asyncio.CancelledError`` and gRPC's own abort pass through untouched. With metrics on
+    (``service.api.metrics``) every call is counted with its status code.
     """
     name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            rpc = metrics.current
+            call = None if rpc is None else rpc.start(self, name, "server_stream")
+            code = "OK"
             try:
                 async for item in method(self, request, context):
+                    if call is not None:
+                        call.sent()
                     yield item
             except aio.AbortError:
+                code = metrics.code_of(context)
                 raise
             except Exception as exc:  # noqa: BLE001 - this is the boundary
+                code = code_for(exc).name
                 await _abort(context, exc, name)
+            except BaseException:
+                code = "CANCELLED"
+                raise
+            finally:
+                if call is not None:
+                    call.done(code)
 
         return cast(F, stream)
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
+        rpc = metrics.current
+        if rpc is not None:
+            return await _measured(rpc.start(self, name, "unary"), method, self, request, context)
         try:
             return await cast(Callable[..., Awaitable[Any]], method)(self, request, context)
         except aio.AbortError:

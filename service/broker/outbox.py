@@ -18,11 +18,13 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 from service.broker.publisher import Publisher
 from service.domain.errors import Unavailable
 from service.domain.model import Delivery
+from service.runtime import telemetry
 from service.store.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -189,12 +191,15 @@ class Outbox:
         return published
 
     async def _publish(self, deliveries: Sequence[Delivery]) -> int:
+        started = time.perf_counter()
         try:
             done = await self._publisher.publish(deliveries)
         except Unavailable:
             retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(self._backoff, 1.0))
             await self._store.retry_publish_at([d.task_id for d in deliveries], retry_at)
             raise
+        if (metrics := telemetry.current) is not None:
+            metrics.publish_seconds.observe(time.perf_counter() - started)
         self._backoff = 0.0
         self._last_publish = asyncio.get_running_loop().time()
         self._unmarked.extend(done)

@@ -42,6 +42,7 @@ from redis.exceptions import ResponseError
 from service.domain.model import TaskUpdate, merge_updates
 from service.results.document import parse_payload
 from service.results.hub import ProgressHub, redis_errors
+from service.runtime import telemetry
 from service.store.base import TaskStorePort
 from service.store.errors import StatementRejected
 from taskgate.worker.contract import STATE_FEED_GROUP
@@ -204,6 +205,7 @@ class StateFeed:
         """Write the entries' updates (one per task), then acknowledge every entry."""
         updates = self._updates(entries)
         written = await self._write(list(updates.values()))
+        telemetry.states_written(written)
         with redis_errors():
             await self._redis.xack(self._stream, self._group, *[entry_id for entry_id, _ in entries])
         self._hand_to_watchers(written)

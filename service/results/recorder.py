@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from service.domain.errors import Unavailable
 from service.domain.model import TaskUpdate, merge_updates
+from service.runtime import telemetry
 from service.store.base import ActiveKey
 from service.store.tasks import TaskStore
 
@@ -90,6 +91,7 @@ class Recorder:
         logged and dropped."""
         try:
             await self._store.apply_updates(batch)
+            telemetry.states_written(batch)
             return
         except Unavailable:
             raise
@@ -104,6 +106,8 @@ class Recorder:
                 log.exception(
                     "task_id=%s: the database refused this %s update; dropped", update.task_id, update.state
                 )
+            else:
+                telemetry.states_written([update])
 
     def _requeue(self, batch: list[TaskUpdate]) -> None:
         """Put a batch back (unless newer updates of its tasks arrived meanwhile, merged in)."""

@@ -28,6 +28,8 @@ import logging
 import math
 import time
 
+from service.runtime import telemetry
+
 log = logging.getLogger(__name__)
 
 #: Below this, buckets are ``_FINE_STEP_MS`` wide.
@@ -190,6 +192,8 @@ class LoopWatch:
             cpu_ms: CPU time the loop's thread used since the timer was set, in milliseconds.
         """
         self._stats.add(late_ms)
+        if (metrics := telemetry.current) is not None:
+            metrics.loop_lag.observe(late_ms / 1000.0)
         busy_ms = min(late_ms, cpu_ms)
         self._busy.add(busy_ms)
         if late_ms > self._warn_ms:

@@ -26,6 +26,7 @@ from service.domain.errors import (
 from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
 from service.results.hub import ProgressHub, Signal
 from service.results.recorder import Recorder
+from service.runtime import telemetry
 from service.store.tasks import NewTask, TaskStore
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class Gateway:
             return Accepted(original.task_id, current.as_of(now).state, deduplicated=True)
         if not new.held:
             self._outbox.submit(new.delivery)
+        if (metrics := telemetry.current) is not None:
+            metrics.task_enqueued(new.task_id, new.delivery.task_name, now)
         return Accepted(new.task_id, new.state, deduplicated=False)
 
     async def enqueue_batch(
@@ -155,6 +158,9 @@ class Gateway:
             log.info("request_id=%s: repeated batch of %d tasks, deduplicated", request_id, len(originals))
             return [Accepted(r.task_id, r.as_of(now).state, deduplicated=True) for r in originals], True
         self._outbox.submit_many([new.delivery for new in news if not new.held])
+        if (metrics := telemetry.current) is not None:
+            for new in news:
+                metrics.task_enqueued(new.task_id, new.delivery.task_name, now)
         return [Accepted(new.task_id, new.state, deduplicated=False) for new in news], False
 
     def _prepare(self, spec: TaskSpec, caller: Caller, now: dt.datetime) -> NewTask:

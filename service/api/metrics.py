@@ -1,0 +1,111 @@
+"""gRPC server metrics under go-grpc-prometheus's names, counted at the error boundary.
+
+``grpc_server_started_total``, ``grpc_server_handled_total`` (with ``grpc_code``),
+``grpc_server_handling_seconds`` and ``grpc_server_msg_sent_total``, each labelled
+``grpc_service``, ``grpc_method``, ``grpc_type``: the names existing Grafana dashboards for
+Go services query. They are counted by :func:`service.api.status.grpc_errors`, which every
+servicer method already passes through and which already knows the status code of an
+error, instead of by a server interceptor: an interceptor costs a coroutine and a handler
+wrapper per call and sees the code only after the fact. Off (``current is None``, the
+default) the boundary pays one attribute read per call. Health and reflection calls are not
+counted (they do not pass the boundary).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+#: Seconds: go-grpc-prometheus's default histogram buckets (prometheus.DefBuckets).
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_LABELS = ("grpc_service", "grpc_method", "grpc_type")
+
+
+@dataclass(slots=True)
+class Call:
+    """One call being measured."""
+
+    metrics: RpcMetrics
+    labels: tuple[str, str, str]
+    start: float
+
+    def sent(self) -> None:
+        """Count one message sent on a stream."""
+        self.metrics.msg_sent.labels(*self.labels).inc()
+
+    def done(self, code: str) -> None:
+        """Count the call as handled with ``code`` (a ``grpc.StatusCode`` name)."""
+        metrics = self.metrics
+        metrics.handled.labels(*self.labels, code).inc()
+        metrics.seconds.labels(*self.labels).observe(time.perf_counter() - self.start)
+
+
+class RpcMetrics:
+    """The gRPC server metrics of this process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", _LABELS, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by code.", (*_LABELS, "grpc_code"),
+            registry=registry,
+        )  # fmt: skip
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds", "Time to handle an RPC, seconds.", _LABELS,
+            buckets=BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent", "Stream messages sent by the server.", _LABELS, registry=registry
+        )
+        self._labels: dict[tuple[type, str], tuple[str, str, str]] = {}
+
+    def start(self, servicer: object, method: str, kind: str) -> Call:
+        """Count a call of ``servicer.method`` as started and start its clock."""
+        key = (type(servicer), method)
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = self._labels[key] = (service_name(type(servicer)), method, kind)
+        self.started.labels(*labels).inc()
+        return Call(self, labels, time.perf_counter())
+
+
+def service_name(servicer: type) -> str:
+    """The full gRPC service name a servicer class implements (``taskgate.v1.TaskService``).
+
+    The generated base class (``XServicer`` in a ``*_pb2_grpc`` module) names the service;
+    the generated modules live at the proto package's path (``taskgate/v1/``).
+    """
+    for klass in servicer.__mro__:
+        module = klass.__module__
+        if module.endswith("_pb2_grpc") and klass.__name__.endswith("Servicer"):
+            package = module.rsplit(".", 1)[0]
+            return f"{package}.{klass.__name__.removesuffix('Servicer')}"
+    return servicer.__name__
+
+
+def code_of(context: Any) -> str:
+    """The status code a context was aborted with (``UNKNOWN`` if it cannot tell)."""
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return "UNKNOWN"
+
+
+#: This process's gRPC metrics; None while metrics are off.
+current: RpcMetrics | None = None
+
+
+def enable(registry: CollectorRegistry) -> RpcMetrics:
+    """Create the gRPC metrics in ``registry`` and switch counting on."""
+    global current
+    current = RpcMetrics(registry)
+    return current
