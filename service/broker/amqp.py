@@ -3,8 +3,8 @@
 ``AmqpPublisher`` sends the message Celery's ``send_task`` sends over kombu's AMQP
 transport — protocol v2, JSON body, the same headers (an AMQP table), the same properties
 (``content_type``, ``content_encoding``, ``correlation_id``, ``reply_to``, ``priority``,
-``delivery_mode=2``, ``expiration`` in ms) — on the default exchange with the queue's name
-as routing key, exactly as Celery converts a direct-exchange route. Queues are declared
+``delivery_mode=2``; not the ``expiration`` TTL, see ``build_amqp``) — on the default
+exchange with the queue's name as routing key, as Celery converts a direct-exchange route. Queues are declared
 the way a Celery worker declares them (a durable direct exchange named like the queue, a
 durable queue bound to it, ``x-max-priority`` when ``task_queue_max_priority`` is set):
 RabbitMQ refuses a second declaration with other arguments, so the gateway's
@@ -90,7 +90,13 @@ def build_amqp(
     delivery: Delivery, *, origin: str, reply_to: str, now: dt.datetime
 ) -> tuple[bytes, spec.Basic.Properties]:
     """The body and properties kombu's AMQP transport sends for ``delivery``; a delivery
-    carrying Celery's own ``message`` (a workflow step) keeps its headers and body."""
+    carrying Celery's own ``message`` (a workflow step) keeps its headers and body.
+
+    Unlike ``send_task``, no ``expiration`` property (a per-message TTL): RabbitMQ would
+    drop an expired message unseen and the task would stay QUEUED for ever. Without it a
+    worker takes the message, sees the ``expires`` header and records the task REVOKED
+    (CANCELLED), as on Redis, whose transport has no TTL at all.
+    """
     if delivery.message is not None:
         raw = delivery.message["body"]
         body = raw if isinstance(raw, bytes) else orjson.dumps(raw)
@@ -98,10 +104,6 @@ def build_amqp(
     else:
         body = orjson.dumps([delivery.args, delivery.kwargs, _EMBED])
         headers = task_headers(delivery, origin, now)
-    expiration = None
-    if delivery.expire_time is not None:
-        remaining = max((delivery.expire_time - now).total_seconds(), 0.0)
-        expiration = str(int(remaining * 1000))
     properties = spec.Basic.Properties(
         content_type="application/json",
         content_encoding="utf-8",
@@ -110,7 +112,6 @@ def build_amqp(
         priority=delivery.priority or 0,
         correlation_id=delivery.task_id,
         reply_to=reply_to,
-        expiration=expiration,
     )
     return body, properties
 
