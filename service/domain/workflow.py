@@ -128,17 +128,24 @@ def _link(step: Step, found: dict[str, list[str]]) -> None:
         _link(child, found)
 
 
+#: The states of a step that may turn out never to have run: still waiting, or FAILED by
+#: Celery on behalf of an earlier step (a failed chain step marks every later one FAILED
+#: with its own error; a chord whose header failed marks its body FAILED).
+_MAY_BE_STOPPED = (TaskState.WAITING, TaskState.FAILED)
+
+
 def blocked(step: Step, states: dict[str, TaskRecord]) -> dict[str, str]:
-    """The WAITING tasks that can no longer run, each with the task that stopped it.
+    """The tasks that can no longer run (or never ran), each with the task that stopped it.
 
     A task waiting for a FAILED or CANCELLED task (or for one that can no longer run) can
-    never run: Celery sends it only when everything before it succeeded.
+    never run: Celery sends it only when everything before it succeeded. Such a task may
+    still read WAITING, or FAILED when Celery marked it so for the step that failed.
     """
     preds = predecessors(step)
     stopped: dict[str, str] = {}
     for task in tasks_of(step):  # depth first: every predecessor comes before its followers
         record = states.get(task.task_id)
-        if record is None or record.state is not TaskState.WAITING:
+        if record is None or record.state not in _MAY_BE_STOPPED:
             continue
         for pred in preds[task.task_id]:
             pred_record = states.get(pred)

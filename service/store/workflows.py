@@ -23,6 +23,9 @@ from service.store.listing import record_with_marks, transaction
 from service.store.rows import NewTask, insert_row, vars_of
 from service.store.tables import TERMINAL, JSONType, UTCDateTime, tasks
 
+#: The states a step that never ran may read (see ``cancel_stopped``).
+_STOPPABLE = (TaskState.WAITING.value, TaskState.FAILED.value)
+
 workflows = sa.Table(
     "workflows",
     sa.MetaData(),
@@ -145,14 +148,19 @@ class WorkflowStore:
             )
             return [_record(row) for row in (await conn.execute(query)).mappings()]
 
-    async def cancel_waiting(self, errors: Mapping[str, TaskError], now: dt.datetime) -> int:
-        """End WAITING steps CANCELLED, each with its error; returns how many changed."""
+    async def cancel_stopped(self, errors: Mapping[str, TaskError], now: dt.datetime) -> int:
+        """End steps that never ran CANCELLED, each with its error (naming the step that
+        stopped it); returns how many changed.
+
+        A step still WAITING, or FAILED by Celery on behalf of the earlier step that failed
+        (it never ran: the use case tells them apart), is changed; any other is left alone.
+        """
         changed = 0
         async with transaction(self._engine) as conn:
             for task_id, error in sorted(errors.items()):
                 statement = (
                     tasks.update()
-                    .where(tasks.c.task_id == task_id, tasks.c.state == TaskState.WAITING.value)
+                    .where(tasks.c.task_id == task_id, tasks.c.state.in_(_STOPPABLE))
                     .values(
                         state=TaskState.CANCELLED.value,
                         error=vars_of(error),

@@ -272,14 +272,18 @@ class Workflows:
         return record
 
     async def _view(self, record: WorkflowRecord) -> WorkflowView:
-        steps = await self._store.steps(record.workflow_id)
+        """The workflow with its steps; an unfinished one is settled first (``_advance``),
+        so no reader sees a step Celery marked FAILED for an earlier one's failure."""
+        if record.state.terminal:
+            steps = await self._store.steps(record.workflow_id)
+            state, end_time = record.state, record.end_time
+        else:
+            steps, state = await self._advance(record)
+            end_time = None
         now = dt.datetime.now(dt.UTC)
         tasks = [steps[task_id].as_of(now) for task_id in record.task_ids if task_id in steps]
-        state, end_time = record.state, record.end_time
-        if not state.terminal:
-            state = overall_state(tasks)
-            if state.terminal:
-                end_time = max((task.end_time for task in tasks if task.end_time), default=now)
+        if state.terminal and end_time is None:
+            end_time = max((task.end_time for task in tasks if task.end_time), default=now)
         return WorkflowView(record.workflow_id, state, tasks, record.create_time, end_time)
 
     # --- cancel ---------------------------------------------------------------------------
@@ -317,21 +321,21 @@ class Workflows:
             await self._advance(record)
         return LOOP_INTERVAL
 
-    async def _advance(self, record: WorkflowRecord) -> None:
-        """End the steps that can no longer run, and the workflow once nothing can run."""
+    async def _advance(self, record: WorkflowRecord) -> tuple[dict[str, TaskRecord], TaskState]:
+        """End the steps that can no longer run, and the workflow once nothing can run;
+        returns the steps after it and the workflow's state."""
         steps = await self._store.steps(record.workflow_id)
         now = dt.datetime.now(dt.UTC)
         errors = _stop_errors(record.root, steps)
-        if errors and await self._store.cancel_waiting(errors, now):
+        if errors and await self._store.cancel_stopped(errors, now):
             for task_id, error in errors.items():
-                log.info(
-                    "workflow_id=%s task_id=%s cancelled: %s", record.workflow_id, task_id, error.message
-                )
+                log.info("workflow_id=%s task_id=%s %s", record.workflow_id, task_id, error.message)
             steps = await self._store.steps(record.workflow_id)
         state = overall_state(list(steps.values()))
         if state.terminal:
             await self._store.finish(record.workflow_id, state, now)
             log.info("workflow_id=%s ended %s", record.workflow_id, state.value)
+        return steps, state
 
 
 def _stop_errors(root: Step, steps: dict[str, TaskRecord]) -> dict[str, TaskError]:
