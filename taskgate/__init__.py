@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
+    from taskgate._schedules import Schedule, SchedulePage
     from taskgate.adapter import TaskgateTaskQueue
     from taskgate.client import AsyncClient, Client
     from taskgate.errors import (
@@ -61,6 +62,8 @@ _LAZY: dict[str, str] = {
     "TaskCall": "taskgate._convert",
     "TaskErrorInfo": "taskgate._convert",
     "TaskPage": "taskgate._convert",
+    "Schedule": "taskgate._schedules",
+    "SchedulePage": "taskgate._schedules",
     "TaskState": "taskgate._convert",
     "TaskgateTaskQueue": "taskgate.adapter",
     **dict.fromkeys(_ERRORS, "taskgate.errors"),
@@ -104,6 +107,8 @@ __all__ = [
     "PermissionDenied",
     "Progress",
     "ResourceExhausted",
+    "Schedule",
+    "SchedulePage",
     "Task",
     "TaskCall",
     "TaskErrorInfo",

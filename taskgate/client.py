@@ -28,6 +28,7 @@ from grpc import aio
 
 from taskgate import _convert
 from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
+from taskgate._schedules import AsyncSchedules, Schedule, SchedulePage, Schedules
 from taskgate.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -56,6 +57,8 @@ __all__ = [
     "PermissionDenied",
     "Progress",
     "ResourceExhausted",
+    "Schedule",
+    "SchedulePage",
     "Task",
     "TaskCall",
     "TaskErrorInfo",
@@ -126,7 +129,7 @@ def _cut_short(task_id: str) -> Internal:
     return Internal(f"the progress stream of task {task_id} ended before the task did")
 
 
-class AsyncClient:
+class AsyncClient(AsyncSchedules):
     """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
 
     Build it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
@@ -326,7 +329,7 @@ class AsyncClient:
         return _convert.task_from_proto(response.task)
 
 
-class Client:
+class Client(Schedules):
     """The taskgate API on a blocking gRPC channel; safe to share between threads.
 
     Use it as ``with Client(target) as c:``. Arguments as for ``AsyncClient``. Do not call it

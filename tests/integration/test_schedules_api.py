@@ -4,6 +4,7 @@ as grpcurl or buf curl would call it), validation and permission errors."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -236,3 +237,26 @@ async def test_reflection_alone(schedule_port: int, tasks: pb_grpc.TaskServiceSt
     triggered = await buf_call(schedule_port, "TriggerSchedule", {"scheduleId": schedule_id})
     assert (await wait_state(tasks, triggered["taskId"])).state == pb.TASK_STATE_SUCCEEDED
     assert await buf_call(schedule_port, "DeleteSchedule", {"scheduleId": schedule_id}) == {}
+
+
+async def test_python_client(schedule_port: int) -> None:
+    from taskgate import AsyncClient, NotFound
+
+    schedule_id = sid()
+    async with AsyncClient(f"127.0.0.1:{schedule_port}") as client:
+        created = await client.create_schedule(
+            schedule_id, "demo.add", args=[1, 2], interval=3600, paused=True
+        )
+        assert created.interval == dt.timedelta(hours=1) and created.paused and created.next_run_time is None
+        assert (await client.get_schedule(schedule_id)).args == [1, 2]
+        page = await client.list_schedules(page_size=1000)
+        assert schedule_id in [s.schedule_id for s in page.schedules]
+        resumed = await client.update_schedule(
+            schedule_id, paused=False, cron="@daily", time_zone="Europe/Berlin"
+        )
+        assert resumed.cron == "0 0 * * *" and resumed.interval is None and resumed.next_run_time is not None
+        task_id = await client.trigger_schedule(schedule_id)
+        assert (await client.wait(task_id, timeout=30)).result == 3
+        await client.delete_schedule(schedule_id)
+        with pytest.raises(NotFound):
+            await client.get_schedule(schedule_id)

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import taskgate
-from taskgate import _convert, adapter, client, errors
+from taskgate import _convert, _schedules, adapter, client, errors
 
 EXPECTED = {
     "AlreadyExists",
@@ -20,6 +20,8 @@ EXPECTED = {
     "PermissionDenied",
     "Progress",
     "ResourceExhausted",
+    "Schedule",
+    "SchedulePage",
     "Task",
     "TaskCall",
     "TaskErrorInfo",
@@ -40,7 +42,7 @@ def test_all_is_pinned() -> None:
 
 
 def test_every_name_is_the_object_of_its_private_module() -> None:
-    homes = (client, errors, _convert, adapter)
+    homes = (client, errors, _convert, adapter, _schedules)
     for name in EXPECTED - {"__version__"}:
         value = getattr(taskgate, name)
         assert any(getattr(home, name, None) is value for home in homes), name
