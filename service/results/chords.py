@@ -36,7 +36,7 @@ class BackendWriter:
             socket_connect_timeout=3,
             client_name=f"taskgate-{os.getpid()}-chords",
         )
-        return cls(aioredis.Redis(connection_pool=pool))
+        return cls(aioredis.Redis.from_pool(pool))
 
     async def write(self, writes: Sequence[BackendWrite]) -> None:
         """Make ``writes`` in order.
