@@ -115,13 +115,14 @@ class Operations:
     async def purge(self) -> int:
         """Delete every expired terminal task now (batch by batch); returns how many."""
         total = 0
-        while True:
+        while self._retention > 0:
             before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._retention)
             deleted = await self._store.delete_finished(before, RETENTION_BATCH)
             total += deleted
             if deleted < RETENTION_BATCH:
                 return total
             await asyncio.sleep(RETENTION_PAUSE)
+        return total
 
     async def aclose(self) -> None:
         """Release the broker connections."""
