@@ -15,7 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service.cli import control, startup
+from service.cli import control, schedules, startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
 from service.store.migrate import upgrade
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("dev", help="run a private Redis, SQLite, one worker and the server until Ctrl-C")
     commands_for_people.add_parsers(commands)
     control.add_parsers(commands, commands_for_people._target_after_command())
+    schedules.add_parsers(commands, commands_for_people._target_after_command())
     return parser
 
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands_for_people.run(args)
     if args.command in control.COMMANDS:
         return control.run(args)
+    if args.command in schedules.COMMANDS:
+        return schedules.run(args)
     try:
         settings = Settings()
     except ValidationError as exc:
