@@ -42,9 +42,9 @@ from devtools.dockerfile import check_dockerfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Services this project's compose file must define.
-EXPECTED_SERVICES = ("redis", "postgres", "migrate", "gateway", "worker", "beat", "flower")
+EXPECTED_SERVICES = ("redis", "postgres", "migrate", "gateway", "worker", "flower")
 #: Services running taskgate code (flower imports the workers app too): they must agree below.
-APP_SERVICES = ("migrate", "gateway", "worker", "beat", "flower")
+APP_SERVICES = ("migrate", "gateway", "worker", "flower")
 #: Must be set, identically, in every app service.
 SHARED_REQUIRED = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL")
 #: Broker options every process must agree on (taskgate/worker/contract.py): same value or all unset.

@@ -181,15 +181,6 @@ class ScheduleStore:
             await conn.execute(tasks.insert().values(insert_row(new)))
         return True
 
-    async def next_due(self) -> dt.datetime | None:
-        """The earliest next_run_time of an active schedule."""
-        query = sa.select(sa.func.min(schedules.c.next_run_time)).where(
-            schedules.c.paused.is_(False), schedules.c.next_run_time.isnot(None)
-        )
-        async with transaction(self._engine) as conn:
-            value = (await conn.execute(query)).scalar()
-        return None if value is None else UTCDateTime().process_result_value(value, self._engine.dialect)
-
     async def fire_due(self, now: dt.datetime, limit: int, decide: Decide) -> tuple[int, list[Delivery]]:
         """Claim up to ``limit`` due schedules, decide each, insert the tasks that fire and
         advance the schedules, all in one transaction.
