@@ -91,7 +91,9 @@ class Runtime:
         Raises:
             SchemaNotCurrent: the database needs ``taskgate migrate``.
         """
-        store = TaskStore.connect(settings.database_url, pool_size=settings.db_pool_size)
+        store = TaskStore.connect(
+            settings.database_url, pool_size=settings.db_pool_size, pgbouncer=settings.db_pgbouncer
+        )
         try:
             await check_current(store.engine)
         except BaseException:

@@ -81,6 +81,9 @@ class Settings(CelerySettings):
     queue_max_priority: int | None = Field(
         None, ge=1, le=255, validation_alias=_env("TASKGATE_QUEUE_MAX_PRIORITY", "queue_max_priority")
     )
+    #: DATABASE_URL points at PgBouncer in transaction pooling mode: no prepared statement
+    #: outlives its transaction (each statement is parsed again). Default off.
+    db_pgbouncer: bool = Field(False, validation_alias=_env("TASKGATE_DB_PGBOUNCER", "db_pgbouncer"))
     #: Database connection pool size.
     db_pool_size: int = Field(10, gt=0, validation_alias=_env("TASKGATE_DB_POOL_SIZE", "db_pool_size"))
     #: Seconds in-flight calls get to finish on SIGTERM.

@@ -78,11 +78,18 @@ async def reset_queues(url: str, *names: str) -> None:
 def broker_settings(request: pytest.FixtureRequest, settings: Settings, run_id: str) -> Iterator[Settings]:
     """Settings on a private database and key prefix, with Redis or RabbitMQ as the broker
     (the result backend is Redis either way)."""
-    tag = uuid.uuid4().hex[:6]
     broker = REDIS_URL
     if request.param == "amqp":
         broker = request.getfixturevalue("amqp_vhost")
         asyncio.run(reset_queues(broker, "celery"))
+    with private_settings(settings, run_id, broker) as private:
+        yield private
+
+
+@contextlib.contextmanager
+def private_settings(settings: Settings, run_id: str, broker: str = REDIS_URL) -> Iterator[Settings]:
+    """``settings`` on a new database, a new key prefix and ``broker``."""
+    tag = uuid.uuid4().hex[:6]
     name = f"taskgate_test_{run_id}_{tag}"
     url = database_url(name)
     upgrade(url)
@@ -162,6 +169,7 @@ __all__ = [
     "broker_settings",
     "broker_worker",
     "is_amqp",
+    "private_settings",
     "rabbitmqctl",
     "reset_queues",
     "run_order",

@@ -42,6 +42,23 @@ def _locked_in_order(task_ids: Sequence[str]) -> sa.Select[tuple[str]]:
     )
 
 
+def _unnamed_statement() -> str:
+    return ""
+
+
+#: asyncpg behind PgBouncer's transaction pooling, where consecutive transactions may run on
+#: different server connections: no named prepared statement may outlive its transaction.
+#: asyncpg caches none (``statement_cache_size=0``: the driver calls of ``postgres.py``),
+#: nor does SQLAlchemy, and SQLAlchemy's statements use the unnamed one (``""``), which the
+#: next statement replaces (no collisions between clients, nothing left on the server).
+#: Cost: every statement is parsed and planned again (one Parse more per call).
+PGBOUNCER_ARGS: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": _unnamed_statement,
+}
+
+
 class TaskStore:
     """Reads and writes task records."""
 
@@ -63,15 +80,20 @@ class TaskStore:
         self._flush_conn: AsyncConnection | None = None
 
     @classmethod
-    def connect(cls, url: str, *, pool_size: int = 10, fast_paths: bool = True) -> TaskStore:
-        """A store on a new engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``)."""
+    def connect(
+        cls, url: str, *, pool_size: int = 10, fast_paths: bool = True, pgbouncer: bool = False
+    ) -> TaskStore:
+        """A store on a new engine for ``url`` (``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``).
+
+        ``pgbouncer``: the URL is a PgBouncer in transaction pooling mode (``PGBOUNCER_ARGS``).
+        """
         # No pre-ping: it costs a round trip per transaction. A connection the server
         # dropped fails its next statement, is discarded by the pool, and the call
         # answers UNAVAILABLE (retryable) instead.
         kwargs: dict[str, Any] = {}
         if url.startswith("postgresql"):
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
-            kwargs["connect_args"] = {"timeout": 5}
+            kwargs["connect_args"] = {"timeout": 5, **(PGBOUNCER_ARGS if pgbouncer else {})}
         elif url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}  # wait for the writer lock instead of failing
         return cls(create_async_engine(url, **kwargs), fast_paths=fast_paths)
