@@ -49,6 +49,8 @@ class _Seen:
     accept_time: dt.datetime | None
     state: TaskState | None = None
     start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+    run_observed: bool = False
 
 
 class TaskMetrics:
@@ -107,27 +109,33 @@ class TaskMetrics:
             self._seen.popitem(last=False)
 
     def states_written(self, updates: Sequence[TaskUpdate]) -> None:
-        """Count the states the recorder or the feed wrote (each task and state once)."""
+        """Count the states the recorder or the feed wrote: each task and state once, nothing
+        after a terminal state (a late start only fills in the times)."""
         for update in updates:
             seen = self._seen.get(update.task_id)
             if seen is None:
                 seen = _Seen(OTHER, None)
                 self._remember(update.task_id, seen)
-            elif seen.state is update.state:
-                continue
-            self.transitions.labels(seen.name, update.state.value).inc()
-            seen.state = update.state
+            if seen.state is None or (not seen.state.terminal and seen.state is not update.state):
+                self.transitions.labels(seen.name, update.state.value).inc()
+                seen.state = update.state
             self._observe_times(seen, update)
 
     def _observe_times(self, seen: _Seen, update: TaskUpdate) -> None:
-        start = update.start_time or seen.start_time
-        seen.start_time = start
-        if update.state is TaskState.RUNNING and start is not None and seen.accept_time is not None:
+        """Queue time once the start is known, run time once the start and the end are
+        (the STARTED update may arrive after the terminal one)."""
+        seen.start_time = seen.start_time or update.start_time
+        if update.state.terminal:
+            seen.end_time = seen.end_time or update.end_time
+        start = seen.start_time
+        if start is None:
+            return
+        if seen.accept_time is not None:
             self.queue_seconds.labels(seen.name).observe(max((start - seen.accept_time).total_seconds(), 0.0))
-            seen.accept_time = None  # a retry's later start is not a second wait
-        end = update.end_time
-        if update.state.terminal and start is not None and end is not None:
-            self.run_seconds.labels(seen.name).observe(max((end - start).total_seconds(), 0.0))
+            seen.accept_time = None
+        if seen.end_time is not None and not seen.run_observed:
+            self.run_seconds.labels(seen.name).observe(max((seen.end_time - start).total_seconds(), 0.0))
+            seen.run_observed = True
 
     def watch_streams(self, count: Callable[[], int]) -> None:
         """Read the open-stream count at each scrape."""

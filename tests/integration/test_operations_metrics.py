@@ -73,7 +73,8 @@ async def test_metrics_count_calls_codes_and_tasks(settings: Settings, worker: P
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         for task_id in ids:
             assert (await wait_state(stub, task_id)).state == pb.TASK_STATE_SUCCEEDED
-        samples = await scrape_until(port, "taskgate_task_transitions_total", 3, state="SUCCEEDED")
+        await scrape_until(port, "taskgate_task_transitions_total", 3, state="SUCCEEDED")
+        samples = await scrape_until(port, "taskgate_task_run_seconds_count", 3)
     assert sample(samples, "grpc_server_started_total", **rpc("Enqueue")) == 4
     assert sample(samples, "grpc_server_handled_total", **rpc("Enqueue", "OK")) == 3
     assert sample(samples, "grpc_server_handled_total", **rpc("Enqueue", "INVALID_ARGUMENT")) == 1
