@@ -54,7 +54,8 @@ def amqp_vhost(run_id: str) -> Iterator[str]:
     """The URL of this run's private vhost on the test RabbitMQ."""
     if not rabbit_available():
         pytest.skip("RabbitMQ is not running (rabbitmqctl ping failed)")
-    name = f"tgtest-{run_id}"
+    # each module importing this fixture gets its own instance: one vhost each
+    name = f"tgtest-{run_id}-{uuid.uuid4().hex[:4]}"
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     yield f"{AMQP_BASE}/{name}"

@@ -37,6 +37,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from pamqp import commands as spec
 
+from service.broker.amqp_frames import Outgoing, publish_batch
 from service.broker.redis_message import _EMBED, DEFAULT_QUEUE, _repr
 from service.domain.errors import BrokerUnavailable
 from service.domain.model import Delivery
@@ -181,25 +182,17 @@ class AmqpPublisher:
             )
         return done
 
-    async def _send(self, raw: aiormq.Channel, deliveries: Sequence[Delivery]) -> list[asyncio.Task[Any]]:
-        """Write every message (no wait between them); the tasks resolve to the confirms."""
+    async def _send(self, raw: aiormq.Channel, deliveries: Sequence[Delivery]) -> list[asyncio.Future[Any]]:
+        """Write every message (one buffer per chunk); the futures resolve to the confirms."""
         now = dt.datetime.now(dt.UTC)
-        confirms: list[asyncio.Task[Any]] = []
+        messages: list[Outgoing] = []
         for start in range(0, len(deliveries), ENCODE_CHUNK):
             if start:
                 await asyncio.sleep(0)  # let other callbacks run between chunks
             for delivery in deliveries[start : start + ENCODE_CHUNK]:
                 body, properties = build_amqp(delivery, origin=self._origin, reply_to=self._reply_to, now=now)
-                publish = raw.basic_publish(
-                    body,
-                    exchange="",
-                    routing_key=delivery.queue or self._default_queue,
-                    properties=properties,
-                    mandatory=True,
-                    wait=False,
-                )
-                confirms.append(asyncio.ensure_future(publish))
-        return confirms
+                messages.append((delivery.queue or self._default_queue, body, properties))
+        return await publish_batch(raw, messages)
 
     async def _open(self) -> aiormq.Channel:
         if self._raw is not None and self._channel is not None and not self._channel.is_closed:
