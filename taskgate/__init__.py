@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
+    from taskgate._operations import QueueInfo, WorkerInfo
     from taskgate._schedules import Schedule, SchedulePage
     from taskgate.adapter import TaskgateTaskQueue
     from taskgate.client import AsyncClient, Client
@@ -62,6 +63,8 @@ _LAZY: dict[str, str] = {
     "TaskCall": "taskgate._convert",
     "TaskErrorInfo": "taskgate._convert",
     "TaskPage": "taskgate._convert",
+    "QueueInfo": "taskgate._operations",
+    "WorkerInfo": "taskgate._operations",
     "Schedule": "taskgate._schedules",
     "SchedulePage": "taskgate._schedules",
     "TaskState": "taskgate._convert",
@@ -106,6 +109,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Progress",
+    "QueueInfo",
     "ResourceExhausted",
     "Schedule",
     "SchedulePage",
@@ -119,5 +123,6 @@ __all__ = [
     "TaskgateTaskQueue",
     "Unauthenticated",
     "Unavailable",
+    "WorkerInfo",
     "__version__",
 ]

@@ -28,6 +28,7 @@ from grpc import aio
 
 from taskgate import _convert
 from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
+from taskgate._operations import AsyncOperations, Operations, QueueInfo, WorkerInfo
 from taskgate._schedules import AsyncSchedules, Schedule, SchedulePage, Schedules
 from taskgate.errors import (
     AlreadyExists,
@@ -56,6 +57,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Progress",
+    "QueueInfo",
     "ResourceExhausted",
     "Schedule",
     "SchedulePage",
@@ -68,6 +70,7 @@ __all__ = [
     "TaskgateError",
     "Unauthenticated",
     "Unavailable",
+    "WorkerInfo",
 ]
 
 
@@ -129,7 +132,7 @@ def _cut_short(task_id: str) -> Internal:
     return Internal(f"the progress stream of task {task_id} ended before the task did")
 
 
-class AsyncClient(AsyncSchedules):
+class AsyncClient(AsyncSchedules, AsyncOperations):
     """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
 
     Build it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
@@ -329,7 +332,7 @@ class AsyncClient(AsyncSchedules):
         return _convert.task_from_proto(response.task)
 
 
-class Client(Schedules):
+class Client(Schedules, Operations):
     """The taskgate API on a blocking gRPC channel; safe to share between threads.
 
     Use it as ``with Client(target) as c:``. Arguments as for ``AsyncClient``. Do not call it

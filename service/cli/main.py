@@ -15,7 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service.cli import control, schedules, startup
+from service.cli import control, operations, schedules, startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
 from service.store.migrate import upgrade
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands_for_people.add_parsers(commands)
     control.add_parsers(commands, commands_for_people._target_after_command())
     schedules.add_parsers(commands, commands_for_people._target_after_command())
+    operations.add_parsers(commands, commands_for_people._target_after_command())
     return parser
 
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return control.run(args)
     if args.command in schedules.COMMANDS:
         return schedules.run(args)
+    if args.command in operations.COMMANDS:
+        return operations.run(args)
     try:
         settings = Settings()
     except ValidationError as exc:

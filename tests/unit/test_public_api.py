@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import taskgate
-from taskgate import _convert, _schedules, adapter, client, errors
+from taskgate import _convert, _operations, _schedules, adapter, client, errors
 
 EXPECTED = {
     "AlreadyExists",
@@ -19,6 +19,7 @@ EXPECTED = {
     "NotFound",
     "PermissionDenied",
     "Progress",
+    "QueueInfo",
     "ResourceExhausted",
     "Schedule",
     "SchedulePage",
@@ -32,6 +33,7 @@ EXPECTED = {
     "TaskgateTaskQueue",
     "Unauthenticated",
     "Unavailable",
+    "WorkerInfo",
     "__version__",
 }
 
@@ -42,7 +44,7 @@ def test_all_is_pinned() -> None:
 
 
 def test_every_name_is_the_object_of_its_private_module() -> None:
-    homes = (client, errors, _convert, adapter, _schedules)
+    homes = (client, errors, _convert, adapter, _schedules, _operations)
     for name in EXPECTED - {"__version__"}:
         value = getattr(taskgate, name)
         assert any(getattr(home, name, None) is value for home in homes), name
