@@ -99,7 +99,7 @@ class Runtime:
         except BaseException:
             await store.close()
             raise
-        publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority)
+        publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority or None)
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
