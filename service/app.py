@@ -40,6 +40,7 @@ from service.runtime import telemetry
 from service.runtime.gcpolicy import GcPolicy
 from service.runtime.loopwatch import LoopWatch
 from service.runtime.supervise import Backoff, Supervisor
+from service.store.adoption import AdoptionStore
 from service.store.cancel import CancelStore
 from service.store.listing import TaskListing
 from service.store.migrate import check_current
@@ -100,7 +101,8 @@ class Runtime:
             await store.close()
             raise
         publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority or None)
-        recorder = Recorder(store, reconcile_interval=settings.reconcile_interval)
+        adoption = AdoptionStore(store.engine) if settings.adopt_foreign else None
+        recorder = Recorder(store, reconcile_interval=settings.reconcile_interval, adoption=adoption)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
         outbox = Outbox(
@@ -145,6 +147,7 @@ class Runtime:
             self.store,
             self.hub,
             claim_idle=settings.state_feed_claim_idle,
+            adoption=AdoptionStore(self.store.engine) if settings.adopt_foreign else None,
         )
         self.loops.start("feed", self.feed.step, backoff=Backoff(first=0.5))
 

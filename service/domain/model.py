@@ -143,6 +143,19 @@ class TaskUpdate:
     #: the Celery node name (``celery@host``) of the worker that started the task (STARTED
     #: documents only); the store keeps it to watch that worker's heartbeat
     worker: str | None = None
+    #: what the document says of the call (``result_extended``); only adoption reads it
+    origin: TaskOrigin | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOrigin:
+    """The call a result document describes (Celery's ``result_extended`` fields): enough to
+    record a task sent around the gateway (``TASKGATE_ADOPT_FOREIGN``)."""
+
+    task_name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +195,7 @@ def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:
         retries=newer.retries if newer.retries is not None else older.retries,
         start_time=older.start_time or newer.start_time,
         worker=newer.worker or older.worker,
+        origin=newer.origin or older.origin,
     )
 
 

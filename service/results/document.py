@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from kombu.utils.json import loads
 
-from service.domain.model import Progress, TaskError, TaskState, TaskUpdate
+from service.domain.model import Progress, TaskError, TaskOrigin, TaskState, TaskUpdate
 from taskgate.worker.contract import PROGRESS_STATE
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datet
         observed_time=observed,
         retries=retries if isinstance(retries, int) else None,
         start_time=_start_time(status, result, observed) if state is TaskState.RUNNING else None,
+        origin=_origin(document),
     )
     if status == PROGRESS_STATE or (state is TaskState.RUNNING and status != "STARTED"):
         return replace(update, progress=_progress(result))
@@ -140,6 +141,21 @@ def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datet
     if status == "STARTED":
         return replace(update, worker=_worker(result))
     return update
+
+
+def _origin(document: Mapping[str, Any]) -> TaskOrigin | None:
+    """The call the document describes (``result_extended``'s name, args, kwargs, queue);
+    None without a name."""
+    name = document.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    args, kwargs, queue = document.get("args"), document.get("kwargs"), document.get("queue")
+    return TaskOrigin(
+        task_name=name,
+        args=args if isinstance(args, list) else [],
+        kwargs=kwargs if isinstance(kwargs, dict) else {},
+        queue=queue if isinstance(queue, str) else "",
+    )
 
 
 def _worker(result: Any) -> str | None:

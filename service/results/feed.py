@@ -43,6 +43,7 @@ from service.domain.model import TaskUpdate, merge_updates
 from service.results.document import parse_payload
 from service.results.hub import ProgressHub, redis_errors
 from service.runtime import telemetry
+from service.store.adoption import AdoptionStore
 from service.store.base import TaskStorePort
 from service.store.errors import StatementRejected
 from taskgate.worker.contract import STATE_FEED_GROUP
@@ -76,6 +77,7 @@ class StateFeed:
         count: int = 500,
         block: float = 1.0,
         claim_idle: float = 60.0,
+        adoption: AdoptionStore | None = None,
     ) -> None:
         """A consumer of ``stream`` (not connected until the first ``step``).
 
@@ -90,7 +92,10 @@ class StateFeed:
             block: Seconds a read waits for new entries.
             claim_idle: Seconds an entry read by another consumer may stay unacknowledged
                 before this one takes it over; also half the time between two takeovers.
+            adoption: Inserts rows for tasks sent around the gateway before each write
+                (``TASKGATE_ADOPT_FOREIGN``); None: off.
         """
+        self._adoption = adoption
         self._redis = aioredis.Redis.from_url(
             redis_url,
             socket_keepalive=True,
@@ -233,14 +238,14 @@ class StateFeed:
         if not updates:
             return []
         try:
-            await self._store.apply_updates(updates)
+            await self._apply(updates)
             return updates
         except StatementRejected:
             log.warning("state feed: a batch of %d was refused; writing one at a time", len(updates))
         written = []
         for update in updates:
             try:
-                await self._store.apply_updates([update])
+                await self._apply([update])
             except StatementRejected:
                 log.exception(
                     "task_id=%s: the database refused this %s update from the state feed; dropped",
@@ -250,6 +255,11 @@ class StateFeed:
             else:
                 written.append(update)
         return written
+
+    async def _apply(self, updates: list[TaskUpdate]) -> None:
+        if self._adoption is not None:
+            await self._adoption.adopt(updates)
+        await self._store.apply_updates(updates)
 
     def _hand_to_watchers(self, updates: Sequence[TaskUpdate]) -> None:
         """Hand watchers what pub/sub may not have brought: terminal states always (they

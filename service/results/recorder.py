@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from service.domain.errors import Unavailable
 from service.domain.model import TaskUpdate, merge_updates
 from service.runtime import telemetry
+from service.store.adoption import AdoptionStore
 from service.store.base import ActiveKey
 from service.store.tasks import TaskStore
 
@@ -44,8 +45,11 @@ class Recorder:
         flush_interval: float = 0.05,
         batch_size: int = 500,
         reconcile_interval: float = 30.0,
+        adoption: AdoptionStore | None = None,
     ) -> None:
         self._store = store
+        #: inserts rows for tasks sent around the gateway first (None: TASKGATE_ADOPT_FOREIGN off)
+        self._adoption = adoption
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._reconcile_interval = reconcile_interval
@@ -90,7 +94,7 @@ class Recorder:
         the others: the batch is then written one update at a time, and the refused one is
         logged and dropped."""
         try:
-            await self._store.apply_updates(batch)
+            await self._apply(batch)
             telemetry.states_written(batch)
             return
         except Unavailable:
@@ -99,7 +103,7 @@ class Recorder:
             log.warning("recorder: a batch of %d was refused; writing one at a time", len(batch))
         for update in batch:
             try:
-                await self._store.apply_updates([update])
+                await self._apply([update])
             except Unavailable:
                 raise
             except Exception:
@@ -108,6 +112,11 @@ class Recorder:
                 )
             else:
                 telemetry.states_written([update])
+
+    async def _apply(self, batch: list[TaskUpdate]) -> None:
+        if self._adoption is not None:
+            await self._adoption.adopt(batch)
+        await self._store.apply_updates(batch)
 
     def _requeue(self, batch: list[TaskUpdate]) -> None:
         """Put a batch back (unless newer updates of its tasks arrived meanwhile, merged in)."""
