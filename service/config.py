@@ -75,12 +75,6 @@ class Settings(CelerySettings):
     lost_queued_after: float = Field(
         60.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
     )
-    #: RabbitMQ brokers: the ``x-max-priority`` the gateway declares queues with; must equal
-    #: the workers' ``task_queue_max_priority`` (RabbitMQ refuses a queue declared twice with
-    #: other arguments). 0 (default): queues without priorities, as Celery's default.
-    queue_max_priority: int = Field(
-        0, ge=0, le=255, validation_alias=_env("TASKGATE_QUEUE_MAX_PRIORITY", "queue_max_priority")
-    )
     #: DATABASE_URL points at PgBouncer in transaction pooling mode: no prepared statement
     #: outlives its transaction (each statement is parsed again). Default off.
     db_pgbouncer: bool = Field(False, validation_alias=_env("TASKGATE_DB_PGBOUNCER", "db_pgbouncer"))

@@ -167,6 +167,12 @@ class CelerySettings(BaseSettings):
     worker_heartbeat: float = Field(
         5.0, gt=0, validation_alias=AliasChoices("TASKGATE_WORKER_HEARTBEAT", "worker_heartbeat")
     )
+    #: RabbitMQ brokers: the ``x-max-priority`` every queue is declared with, by the gateway
+    #: and (``task_queue_max_priority`` in ``common_conf``) the workers alike — RabbitMQ
+    #: refuses a queue declared twice with other arguments. 0 (default): no priorities.
+    queue_max_priority: int = Field(
+        0, ge=0, le=255, validation_alias=AliasChoices("TASKGATE_QUEUE_MAX_PRIORITY", "queue_max_priority")
+    )
 
     @field_validator("key_prefix")
     @classmethod
@@ -234,6 +240,7 @@ def common_conf(settings: CelerySettings) -> dict[str, Any]:
         "timezone": "UTC",
         "broker_connection_retry_on_startup": True,
         KEY_PREFIX_SETTING: settings.key_prefix,
+        "task_queue_max_priority": settings.queue_max_priority or None,
         **required_conf(),
     }
 
