@@ -127,6 +127,11 @@ class Settings(CelerySettings):
     )
     #: Logging level name.
     log_level: str = Field("INFO", validation_alias=_env("TASKGATE_LOG_LEVEL", "log_level"))
+    #: Log line format: ``text`` (default) or ``json`` (one JSON object per line: time,
+    #: level, logger, message, task_id and trace_id when known; service/runtime/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        "text", validation_alias=_env("TASKGATE_LOG_FORMAT", "log_format")
+    )
     #: The garbage-collector policy (service/runtime/gcpolicy.py): ``managed`` keeps full collections
     #: out of the event loop's way; ``python`` leaves CPython's defaults.
     gc_policy: Literal["managed", "python"] = Field(
