@@ -34,6 +34,7 @@ from service.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from service.runtime import tracing
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def grpc_errors(method: F) -> F:
     """Decorate a servicer method (unary or server-streaming) with the error mapping.
 
     ``asyncio.CancelledError`` and gRPC's own abort pass through untouched. With metrics on
-    (``service.api.metrics``) every call is counted with its status code.
+    (``service.api.metrics``) every call is counted with its status code; with tracing on
+    (``service.runtime.tracing``) every call is a SERVER span continuing the caller's trace.
     """
     name = method.__name__
     if inspect.isasyncgenfunction(method):
@@ -132,11 +134,13 @@ def grpc_errors(method: F) -> F:
             rpc = metrics.current
             call = None if rpc is None else rpc.start(self, name, "server_stream")
             code = "OK"
+            service = "" if tracing.tracer is None else metrics.service_name(type(self))
             try:
-                async for item in method(self, request, context):
-                    if call is not None:
-                        call.sent()
-                    yield item
+                with tracing.server_span(service, name, context):
+                    async for item in method(self, request, context):
+                        if call is not None:
+                            call.sent()
+                        yield item
             except aio.AbortError:
                 code = metrics.code_of(context)
                 raise
@@ -153,6 +157,12 @@ def grpc_errors(method: F) -> F:
         return cast(F, stream)
 
     @functools.wraps(method)
+    async def traced(self: Any, request: Any, context: Any) -> Any:
+        if tracing.tracer is None:
+            return await unary(self, request, context)
+        with tracing.server_span(metrics.service_name(type(self)), name, context):
+            return await unary(self, request, context)
+
     async def unary(self: Any, request: Any, context: Any) -> Any:
         rpc = metrics.current
         if rpc is not None:
@@ -164,4 +174,4 @@ def grpc_errors(method: F) -> F:
         except Exception as exc:  # noqa: BLE001 - this is the boundary
             await _abort(context, exc, name)
 
-    return cast(F, unary)
+    return cast(F, traced)

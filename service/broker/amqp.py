@@ -84,6 +84,8 @@ def task_headers(delivery: Delivery, origin: str, now: dt.datetime) -> dict[str,
     }
     if delivery.headers:
         headers.update(delivery.headers)
+    if delivery.trace_headers:
+        headers.update(delivery.trace_headers)
     return headers
 
 

@@ -179,8 +179,8 @@ def send_options(delivery: Delivery, now: dt.datetime) -> dict[str, Any]:
         options["eta"] = delivery.run_time
     if delivery.expire_time is not None:
         options["expires"] = delivery.expire_time
-    if delivery.headers:
-        options["headers"] = delivery.headers
+    if delivery.headers or delivery.trace_headers:
+        options["headers"] = {**delivery.headers, **(delivery.trace_headers or {})}
     if delivery.time_limit is not None:
         options["time_limit"] = delivery.time_limit
     if delivery.soft_time_limit is not None:

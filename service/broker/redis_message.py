@@ -120,6 +120,8 @@ def build_message(delivery: Delivery, layout: RedisLayout, now: dt.datetime) -> 
     }
     if delivery.headers:
         headers.update(delivery.headers)
+    if delivery.trace_headers:
+        headers.update(delivery.trace_headers)
     return _document(delivery, body, headers, layout, now)
 
 

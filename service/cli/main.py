@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from service.cli import control, operations, schedules, startup
 from service.cli import tasks as commands_for_people
 from service.config import Settings
-from service.runtime import logs
+from service.runtime import logs, tracing
 from service.store.migrate import upgrade
 
 log = logging.getLogger("taskgate")
@@ -49,6 +49,7 @@ def _serve(settings: Settings) -> int:
         import uvloop
 
         loop_factory = uvloop.new_event_loop
+    tracing.configure()  # only when OTEL_* variables ask for it
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(settings))
@@ -57,6 +58,8 @@ def _serve(settings: Settings) -> int:
         if message is None:
             raise
         return _cannot_start("serve", message)
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -178,6 +178,9 @@ class Delivery:
     #: kwargs, embed]}``: a workflow's entry step, with its chain, group and chord); None:
     #: built from the fields above
     message: dict[str, Any] | None = None
+    #: the W3C trace context of the call that enqueued it (``traceparent``, ``tracestate``),
+    #: written as top-level message headers; None: not traced
+    trace_headers: dict[str, str] | None = None
 
 
 def merge_updates(older: TaskUpdate, newer: TaskUpdate) -> TaskUpdate:

@@ -103,6 +103,8 @@ def options_of(delivery: Delivery) -> dict[str, Any]:
         options["soft_time_limit"] = delivery.soft_time_limit
     if delivery.message is not None:
         options["message"] = delivery.message  # a workflow step: republished as it was built
+    if delivery.trace_headers:
+        options["trace"] = delivery.trace_headers  # republished by the outbox in the same trace
     return options
 
 
@@ -123,6 +125,7 @@ def delivery_of(row: Mapping[Any, Any]) -> Delivery:
         time_limit=options.get("time_limit"),
         soft_time_limit=options.get("soft_time_limit"),
         message=options.get("message"),
+        trace_headers=options.get("trace"),
     )
 
 

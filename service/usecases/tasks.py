@@ -26,7 +26,7 @@ from service.domain.errors import (
 from service.domain.model import Delivery, TaskRecord, TaskSpec, TaskState, apply_update
 from service.results.hub import ProgressHub, Signal
 from service.results.recorder import Recorder
-from service.runtime import telemetry
+from service.runtime import telemetry, tracing
 from service.store.tasks import NewTask, TaskStore
 
 if TYPE_CHECKING:
@@ -189,6 +189,7 @@ class Gateway:
             headers=spec.headers,
             time_limit=spec.time_limit,
             soft_time_limit=spec.soft_time_limit,
+            trace_headers=tracing.trace_headers(),
         )
         held = run_time - now > self._limits.schedule_horizon
         lead = max(self._limits.schedule_horizon, DISPATCH_LEAD)

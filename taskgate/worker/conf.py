@@ -4,7 +4,8 @@ It leaves the app's broker and result backend URLs where they are and adds what 
 gateway needs to follow the app's tasks (``taskgate.worker.contract.required_conf``), the
 shared key prefix, the result backend class that also writes the durable state feed
 (``FeedRedisBackend``), bounded retries of result writes through short Redis outages, and
-the run-once guard (``OnceTask``) as the base class of the app's tasks.
+the run-once guard (``OnceTask``) as the base class of the app's tasks; and, when the
+``OTEL_*`` variables ask for it, OpenTelemetry tracing of its tasks (``tracing.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from celery.utils.imports import symbol_by_name
 from taskgate.worker.backend import FeedRedisBackend
 from taskgate.worker.contract import KEY_PREFIX_SETTING, CelerySettings, check_key_prefix, required_conf
 from taskgate.worker.guard import OnceTask
+from taskgate.worker.tracing import install as install_tracing
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ def configure(
         install_feed(app)
     if guard:
         install_guard(app)
+    install_tracing()  # only when OTEL_* variables ask for it (taskgate/worker/tracing.py)
     log.debug("taskgate settings applied to app %s (key prefix %r)", app.main, prefix)
     return app
 
