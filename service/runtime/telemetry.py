@@ -81,6 +81,13 @@ class TaskMetrics:
         self.held_tasks = Gauge(
             "taskgate_held_tasks", "Tasks held in the database until their run time.", registry=reg
         )
+        self.queue_tasks = Gauge(
+            "taskgate_queue_tasks",
+            "Recorded unfinished tasks per queue and state (every replica "
+            "reports the same database: take max).",
+            ["queue", "state"],
+            registry=reg,
+        )
         self.streams_open = Gauge(
             "taskgate_streams_open", "Open StreamProgress and WaitTask calls.", registry=reg
         )

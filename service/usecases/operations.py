@@ -100,6 +100,15 @@ class Operations:
             counts = await self._store.outbox_counts(dt.datetime.now(dt.UTC))
             metrics.outbox_pending.set(counts.pending)
             metrics.held_tasks.set(counts.held)
+            queues = await self._store.queue_counts()
+            metrics.queue_tasks.clear()
+            for q in queues:
+                for state, count in (
+                    ("QUEUED", q.queued),
+                    ("SCHEDULED", q.scheduled),
+                    ("RUNNING", q.running),
+                ):
+                    metrics.queue_tasks.labels(q.queue or DEFAULT_QUEUE, state).set(count)
         return GAUGE_INTERVAL
 
     async def retention_step(self) -> float:
