@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from devtools.compose_file import load
 from service.api.metrics import RpcMetrics
 from service.runtime.telemetry import TaskMetrics
 
@@ -60,3 +61,17 @@ def test_the_dashboard_covers_what_operators_ask() -> None:
         "taskgate_event_loop_lag_seconds_bucket",
     ):
         assert metric in text, metric
+
+
+def test_compose_provisions_the_dashboard() -> None:
+    root = DASHBOARD.parents[2]
+    compose = load(root / "docker-compose.yml")
+    services = compose["services"]
+    mounts = [volume.split(":")[0] for volume in services["grafana"]["volumes"]]
+    assert "./deploy/grafana/taskgate.json" in mounts
+    for mount in mounts + [v.split(":")[0] for v in services["prometheus"]["volumes"]]:
+        if mount.startswith("./"):
+            assert (root / mount).exists(), mount
+    listen = services["gateway"]["environment"]["TASKGATE_METRICS_LISTEN"]
+    scrape = (root / "deploy" / "prometheus.yml").read_text()
+    assert f'targets: ["gateway:{listen.rsplit(":", 1)[1]}"]' in scrape
