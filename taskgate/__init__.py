@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         Unauthenticated,
         Unavailable,
     )
+    from taskgate.workflow import Workflow, chain, group, sig
 
     __version__: str
 
@@ -69,6 +70,10 @@ _LAZY: dict[str, str] = {
     "SchedulePage": "taskgate._schedules",
     "TaskState": "taskgate._convert",
     "TaskgateTaskQueue": "taskgate.adapter",
+    "Workflow": "taskgate.workflow",
+    "chain": "taskgate.workflow",
+    "group": "taskgate.workflow",
+    "sig": "taskgate.workflow",
     **dict.fromkeys(_ERRORS, "taskgate.errors"),
 }
 
@@ -124,5 +129,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "WorkerInfo",
+    "Workflow",
     "__version__",
+    "chain",
+    "group",
+    "sig",
 ]

@@ -46,6 +46,7 @@ from taskgate.errors import (
 )
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
+from taskgate.workflow import AsyncWorkflows, Workflows
 
 __all__ = [
     "AlreadyExists",
@@ -132,7 +133,7 @@ def _cut_short(task_id: str) -> Internal:
     return Internal(f"the progress stream of task {task_id} ended before the task did")
 
 
-class AsyncClient(AsyncSchedules, AsyncOperations):
+class AsyncClient(AsyncSchedules, AsyncWorkflows, AsyncOperations):
     """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
 
     Build it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
@@ -332,7 +333,7 @@ class AsyncClient(AsyncSchedules, AsyncOperations):
         return _convert.task_from_proto(response.task)
 
 
-class Client(Schedules, Operations):
+class Client(Schedules, Workflows, Operations):
     """The taskgate API on a blocking gRPC channel; safe to share between threads.
 
     Use it as ``with Client(target) as c:``. Arguments as for ``AsyncClient``. Do not call it

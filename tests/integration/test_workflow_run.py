@@ -13,9 +13,11 @@ import grpc
 import pytest
 from grpc import aio
 
+import taskgate
 from service.api.server import build_server
 from service.app import Runtime
 from service.config import Settings
+from taskgate import AsyncClient, TaskState
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import workflow_service_pb2 as wpb
 from taskgate.v1 import workflow_service_pb2_grpc as wpb_grpc
@@ -37,12 +39,17 @@ def group(*steps: wpb.Step) -> wpb.Step:
 
 
 @pytest.fixture(scope="module")
-async def flows(runtime: Runtime, settings: Settings) -> AsyncIterator[wpb_grpc.WorkflowServiceStub]:
+async def flows_port(runtime: Runtime, settings: Settings) -> AsyncIterator[int]:
     server, port = build_server(runtime.gateway, runtime.health, settings.listen, workflows=runtime.workflows)
     await server.start()
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield wpb_grpc.WorkflowServiceStub(channel)
+    yield port
     await server.stop(1)
+
+
+@pytest.fixture(scope="module")
+async def flows(flows_port: int) -> AsyncIterator[wpb_grpc.WorkflowServiceStub]:
+    async with aio.insecure_channel(f"127.0.0.1:{flows_port}") as channel:
+        yield wpb_grpc.WorkflowServiceStub(channel)
 
 
 async def finished(stub: wpb_grpc.WorkflowServiceStub, workflow_id: str, timeout: float = 30) -> wpb.Workflow:
@@ -190,3 +197,16 @@ async def test_unknown_workflow_is_not_found(flows: wpb_grpc.WorkflowServiceStub
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await flows.GetWorkflow(wpb.GetWorkflowRequest(workflow_id=str(uuid.uuid4())))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_python_client_chord(flows_port: int) -> None:
+    async with AsyncClient(f"127.0.0.1:{flows_port}") as client:
+        root = taskgate.chain(
+            taskgate.group(*(taskgate.sig("demo.add", i, i) for i in range(10))), taskgate.sig("demo.sum")
+        )
+        workflow_id, task_ids = await client.enqueue_workflow(root)
+        assert len(task_ids) == 11
+        workflow = await client.wait_workflow(workflow_id)
+    assert workflow.state is TaskState.SUCCEEDED
+    assert workflow.tasks[-1].result == 90
+    assert [task.task_id for task in workflow.tasks] == task_ids

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 import taskgate
-from taskgate import _convert, _operations, _schedules, adapter, client, errors
+from taskgate import _convert, _operations, _schedules, adapter, client, errors, workflow
 
 EXPECTED = {
     "AlreadyExists",
@@ -34,7 +34,11 @@ EXPECTED = {
     "Unauthenticated",
     "Unavailable",
     "WorkerInfo",
+    "Workflow",
     "__version__",
+    "chain",
+    "group",
+    "sig",
 }
 
 
@@ -44,7 +48,7 @@ def test_all_is_pinned() -> None:
 
 
 def test_every_name_is_the_object_of_its_private_module() -> None:
-    homes = (client, errors, _convert, adapter, _schedules, _operations)
+    homes = (client, errors, _convert, adapter, _schedules, _operations, workflow)
     for name in EXPECTED - {"__version__"}:
         value = getattr(taskgate, name)
         assert any(getattr(home, name, None) is value for home in homes), name
