@@ -15,7 +15,7 @@ import sys
 
 from pydantic import ValidationError
 
-from service.cli import control, operations, schedules, startup
+from service.cli import control, operations, schedules, startup, workflows
 from service.cli import tasks as commands_for_people
 from service.config import Settings
 from service.runtime import logs, tracing
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_parsers(commands, commands_for_people._target_after_command())
     schedules.add_parsers(commands, commands_for_people._target_after_command())
     operations.add_parsers(commands, commands_for_people._target_after_command())
+    workflows.add_parsers(commands, commands_for_people._target_after_command())
     return parser
 
 
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return schedules.run(args)
     if args.command in operations.COMMANDS:
         return operations.run(args)
+    if args.command in workflows.COMMANDS:
+        return workflows.run(args)
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -16,6 +16,7 @@ from grpc import aio
 import taskgate
 from service.api.server import build_server
 from service.app import Runtime
+from service.cli.main import main
 from service.config import Settings
 from taskgate import AsyncClient, TaskState
 from taskgate.v1 import task_service_pb2 as pb
@@ -210,3 +211,13 @@ async def test_python_client_chord(flows_port: int) -> None:
     assert workflow.state is TaskState.SUCCEEDED
     assert workflow.tasks[-1].result == 90
     assert [task.task_id for task in workflow.tasks] == task_ids
+
+
+async def test_cli_shows_the_steps(flows_port: int, flows: wpb_grpc.WorkflowServiceStub, capsys: Any) -> None:
+    root = chain(task("demo.add", 1, 2), task("demo.add", 3))
+    response = await flows.EnqueueWorkflow(wpb.EnqueueWorkflowRequest(root=root))
+    argv = ["workflow", response.workflow_id, "--target", f"127.0.0.1:{flows_port}"]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"workflow {response.workflow_id}: SUCCEEDED" in out
+    assert all(task_id in out for task_id in response.task_ids)
