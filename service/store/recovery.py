@@ -98,7 +98,8 @@ class RecoveryStore:
         """Up to ``limit`` tasks RUNNING on ``worker``."""
         query = (
             sa.select(tasks.c.task_id, tasks.c.task_name, tasks.c.queue)
-            .where(tasks.c.state == _RUNNING, tasks.c.worker == worker)
+            # adopted tasks were sent around the gateway: their messages are not ours to resend
+            .where(tasks.c.state == _RUNNING, tasks.c.worker == worker, sa.not_(tasks.c.adopted))
             .order_by(tasks.c.task_id)
             .limit(limit)
         )
