@@ -25,6 +25,7 @@ from bench.profile import profile_taskgate
 from bench.scaleout import run_scaleout
 from bench.servers import start_naive, start_taskgate
 from bench.streams import run_streams
+from bench.workflows import run_workflows
 
 
 def _versions() -> str:
@@ -97,6 +98,7 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "streams": run_streams,
     "scaleout": run_scaleout,
     "listing": run_listing,
+    "workflows": run_workflows,
 }
 
 

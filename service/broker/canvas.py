@@ -13,7 +13,7 @@ the gateway stores the messages in the outbox and makes the backend writes itsel
 (``service/results/chords.py``) before the entry messages can be published.
 
 Celery's canvas is synchronous Python; one capture runs at a time (a lock), on the caller's
-thread.
+thread (Celery keeps a result backend per thread: each is made to record on first use).
 """
 
 from __future__ import annotations
@@ -82,12 +82,18 @@ class CanvasCapture:
         self._lock = threading.Lock()
         self._messages: list[tuple[str, dict[str, Any], Any]] = []
         self._client = _RecordingClient()
-        backend = app.backend
+        app.amqp.__dict__["send_task_message"] = self._record_message
+
+    def _recording_backend(self) -> None:
+        """Make this thread's result backend record (Celery keeps one backend per thread)."""
+        backend = self._app.backend
+        if backend.__dict__.get("client") is self._client:
+            return
         backend.__dict__["client"] = self._client  # a cached_property on RedisBackend
         # send_task and the group results would subscribe to each result's channel
         backend.__dict__["on_task_call"] = _no_subscription
         backend.__dict__["add_pending_result"] = _not_pending
-        app.amqp.__dict__["send_task_message"] = self._record_message
+        backend.__dict__["remove_pending_result"] = _not_pending  # AsyncResult.__del__
 
     @property
     def app(self) -> Celery:
@@ -120,6 +126,7 @@ class CanvasCapture:
         (in the order Celery sends them), and its result-backend writes."""
         by_id = {task.task_id: task for task in tasks_of(root)}
         with self._lock:
+            self._recording_backend()
             self._messages.clear()
             self._client.writes.clear()
             self.signature(root).apply_async(producer=_Producer())  # type: ignore[arg-type]
