@@ -6,15 +6,13 @@ Both calls need a caller with ``read_all`` (PermissionDenied otherwise).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 from grpc import aio
 
-from taskgate.errors import from_rpc_error
+from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.v1 import operations_service_pb2 as opb
 from taskgate.v1 import operations_service_pb2_grpc as opb_grpc
 
@@ -63,14 +61,6 @@ def workers_from_proto(response: opb.ListWorkersResponse) -> list[WorkerInfo]:
         )
         for w in response.workers
     ]
-
-
-@contextlib.contextmanager
-def _rpc_errors() -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
 
 
 class AsyncOperations:

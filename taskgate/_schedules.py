@@ -3,9 +3,8 @@ the methods ``AsyncClient`` and ``Client`` get from the two mixins here."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +13,7 @@ from google.protobuf import field_mask_pb2
 from grpc import aio
 
 from taskgate import _convert
-from taskgate.errors import from_rpc_error
+from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.v1 import schedule_service_pb2 as spb
 from taskgate.v1 import schedule_service_pb2_grpc as spb_grpc
 from taskgate.v1 import task_service_pb2 as pb
@@ -129,14 +128,6 @@ def _template(given: Mapping[str, Any]) -> pb.TaskTemplate:
     if "expire_after" in given:
         template.expire_after.CopyFrom(_convert.to_duration(given["expire_after"]))
     return template
-
-
-@contextlib.contextmanager
-def _rpc_errors() -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
 
 
 class AsyncSchedules:

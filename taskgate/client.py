@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from typing import Any, Self
 
 import grpc
 from grpc import aio
 
 from taskgate import _convert
+from taskgate._control import AsyncControl, Control
 from taskgate._convert import Progress, Task, TaskCall, TaskErrorInfo, TaskPage, TaskState
 from taskgate._operations import AsyncOperations, Operations, QueueInfo, WorkerInfo
 from taskgate._schedules import AsyncSchedules, Schedule, SchedulePage, Schedules
@@ -42,8 +43,8 @@ from taskgate.errors import (
     TaskgateError,
     Unauthenticated,
     Unavailable,
-    from_rpc_error,
 )
+from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 from taskgate.workflow import AsyncWorkflows, Workflows
@@ -73,19 +74,6 @@ __all__ = [
     "Unavailable",
     "WorkerInfo",
 ]
-
-
-@contextlib.contextmanager
-def _rpc_errors() -> Iterator[None]:
-    """Turn a gRPC error raised in the block into its TaskgateError: the client's one boundary.
-
-    For unary calls, ``with _rpc_errors(): response = stub.Method(request)``; around a stream's
-    loop it covers every message read, generators included (closing one passes straight through).
-    """
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
 
 
 def _finished(task: Task) -> Task:
@@ -133,7 +121,7 @@ def _cut_short(task_id: str) -> Internal:
     return Internal(f"the progress stream of task {task_id} ended before the task did")
 
 
-class AsyncClient(AsyncSchedules, AsyncWorkflows, AsyncOperations):
+class AsyncClient(AsyncControl, AsyncSchedules, AsyncWorkflows, AsyncOperations):
     """The taskgate API on a grpc.aio channel. Use it as ``async with AsyncClient(target) as c:``.
 
     Build it inside the event loop that uses it (a grpc.aio channel belongs to one loop).
@@ -293,47 +281,8 @@ class AsyncClient(AsyncSchedules, AsyncWorkflows, AsyncOperations):
             except Unavailable as exc:
                 await asyncio.sleep(retry.next_pause(task_id, exc))
 
-    async def cancel(self, task_id: str, *, terminate: bool = False, reason: str = "") -> Task:
-        """Cancel the task (idempotent) and return it as it is after the request.
 
-        A task not yet started ends CANCELLED at once; a running one gets
-        ``cancel_requested`` and stops at its next checkpoint (``terminate``: its worker
-        process is signalled). A finished task is returned unchanged. NotFound for an id the
-        caller cannot read; PermissionDenied when it may not enqueue the task's name.
-        """
-        request = pb.CancelTaskRequest(task_id=task_id, terminate=terminate, reason=reason)
-        with _rpc_errors():
-            response = await self._stub.CancelTask(request, timeout=self._timeout, metadata=self._metadata)
-        return _convert.task_from_proto(response.task)
-
-    async def list_tasks(
-        self, filter: str = "", *, order_by: str = "", page_size: int = 0, page_token: str = ""
-    ) -> TaskPage:
-        """One page of the tasks the caller may read, newest first by default.
-
-        ``filter`` is AIP-160 (``state = FAILED AND task_name = "reports.*"``); pass the
-        returned ``next_page_token`` with the same filter and order for the next page.
-        """
-        request = pb.ListTasksRequest(
-            filter=filter, order_by=order_by, page_size=page_size, page_token=page_token
-        )
-        with _rpc_errors():
-            response = await self._stub.ListTasks(request, timeout=self._timeout, metadata=self._metadata)
-        return TaskPage([_convert.task_from_proto(t) for t in response.tasks], response.next_page_token)
-
-    async def wait_task(self, task_id: str, timeout: float | None = None) -> Task:
-        """One WaitTask call: the task once terminal, or as it is after ``timeout`` seconds
-        (None: the server's default, 60 s). Never raises for the task's own outcome."""
-        request = pb.WaitTaskRequest(
-            task_id=task_id, timeout=None if timeout is None else _convert.to_duration(timeout)
-        )
-        deadline = None if self._timeout is None else self._timeout + (timeout or 60.0)
-        with _rpc_errors():
-            response = await self._stub.WaitTask(request, timeout=deadline, metadata=self._metadata)
-        return _convert.task_from_proto(response.task)
-
-
-class Client(Schedules, Workflows, Operations):
+class Client(Control, Schedules, Workflows, Operations):
     """The taskgate API on a blocking gRPC channel; safe to share between threads.
 
     Use it as ``with Client(target) as c:``. Arguments as for ``AsyncClient``. Do not call it
@@ -438,31 +387,3 @@ class Client(Schedules, Workflows, Operations):
                 raise retry.timed_out(task_id, exc) from exc
             except Unavailable as exc:
                 time.sleep(retry.next_pause(task_id, exc))
-
-    def cancel(self, task_id: str, *, terminate: bool = False, reason: str = "") -> Task:
-        """As ``AsyncClient.cancel``."""
-        request = pb.CancelTaskRequest(task_id=task_id, terminate=terminate, reason=reason)
-        with _rpc_errors():
-            response = self._stub.CancelTask(request, timeout=self._timeout, metadata=self._metadata)
-        return _convert.task_from_proto(response.task)
-
-    def list_tasks(
-        self, filter: str = "", *, order_by: str = "", page_size: int = 0, page_token: str = ""
-    ) -> TaskPage:
-        """As ``AsyncClient.list_tasks``."""
-        request = pb.ListTasksRequest(
-            filter=filter, order_by=order_by, page_size=page_size, page_token=page_token
-        )
-        with _rpc_errors():
-            response = self._stub.ListTasks(request, timeout=self._timeout, metadata=self._metadata)
-        return TaskPage([_convert.task_from_proto(t) for t in response.tasks], response.next_page_token)
-
-    def wait_task(self, task_id: str, timeout: float | None = None) -> Task:
-        """As ``AsyncClient.wait_task``."""
-        request = pb.WaitTaskRequest(
-            task_id=task_id, timeout=None if timeout is None else _convert.to_duration(timeout)
-        )
-        deadline = None if self._timeout is None else self._timeout + (timeout or 60.0)
-        with _rpc_errors():
-            response = self._stub.WaitTask(request, timeout=deadline, metadata=self._metadata)
-        return _convert.task_from_proto(response.task)

@@ -21,6 +21,9 @@ into one of these; the client calls it in one place, its ``_rpc_errors()`` conte
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
 
 from taskgate._convert import Task
@@ -140,3 +143,16 @@ def from_rpc_error(exc: grpc.RpcError) -> TaskgateError:
     if not isinstance(details, str) or not details:
         details = str(exc) or code.name
     return _BY_CODE.get(code, TaskgateError)(details, code)
+
+
+@contextlib.contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Turn a gRPC error raised in the block into its TaskgateError: the clients' one boundary.
+
+    For unary calls, ``with rpc_errors(): response = stub.Method(request)``; around a stream's
+    loop it covers every message read, generators included (closing one passes straight through).
+    """
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc

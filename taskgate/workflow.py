@@ -18,10 +18,9 @@ results, and a group followed by a step in a chain is a chord.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import AsyncGenerator, Generator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ from grpc import aio
 
 from taskgate import _convert
 from taskgate._convert import Task, TaskState
-from taskgate.errors import from_rpc_error
+from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import workflow_service_pb2 as wpb
 from taskgate.v1 import workflow_service_pb2_grpc as wpb_grpc
@@ -126,14 +125,6 @@ def workflow_from_proto(message: wpb.Workflow) -> Workflow:
         else None,
         end_time=message.end_time.ToDatetime(tzinfo=dt.UTC) if message.HasField("end_time") else None,
     )
-
-
-@contextlib.contextmanager
-def _rpc_errors() -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from exc
 
 
 class AsyncWorkflows:

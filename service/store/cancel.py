@@ -19,7 +19,7 @@ from service.store.listing import record_with_marks, transaction
 from service.store.tables import TERMINAL, tasks
 
 #: States in which a published task has not been seen starting.
-NOT_STARTED = (TaskState.QUEUED.value, TaskState.SCHEDULED.value)
+NOT_STARTED = (TaskState.QUEUED.value, TaskState.SCHEDULED.value, TaskState.WAITING.value)
 
 
 class CancelStore:

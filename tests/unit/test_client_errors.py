@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from taskgate.client import _rpc_errors
+from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.errors import InvalidArgument, NotFound, TaskgateError, Unavailable
 
 
