@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from taskgate.errors import rpc_errors as _rpc_errors
 from taskgate.errors import InvalidArgument, NotFound, TaskgateError, Unavailable
+from taskgate.errors import rpc_errors as _rpc_errors
 
 
 class StatusError(grpc.RpcError):
