@@ -71,9 +71,10 @@ class Settings(CelerySettings):
         60.0, gt=0, validation_alias=_env("TASKGATE_WORKER_LOST_TIMEOUT", "worker_lost_timeout")
     )
     #: Seconds after publishing before a QUEUED task that no worker reported on is looked
-    #: for in the broker (Redis only) and republished if it is gone; default 60.
+    #: for in the broker (Redis only) and republished if it is gone; default 30 (with two
+    #: recovery passes: at most a minute after Redis returns).
     lost_queued_after: float = Field(
-        60.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
+        30.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
     )
     #: DATABASE_URL points at PgBouncer in transaction pooling mode: no prepared statement
     #: outlives its transaction (each statement is parsed again). Default off.
