@@ -23,6 +23,7 @@ from bench.listing import run_listing
 from bench.plan import DEFAULT, QUICK, Plan
 from bench.profile import profile_taskgate
 from bench.scaleout import run_scaleout
+from bench.schedules import run_schedules
 from bench.servers import start_naive, start_taskgate
 from bench.streams import run_streams
 from bench.workflows import run_workflows
@@ -99,6 +100,7 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "scaleout": run_scaleout,
     "listing": run_listing,
     "workflows": run_workflows,
+    "schedules": run_schedules,
 }
 
 

@@ -33,6 +33,8 @@ class Plan:
     #: table sizes of the ListTasks section (first page at each)
     list_small: int = 10_000
     list_large: int = 1_000_000
+    #: cron schedules of the schedules section, all due in the same minute
+    schedules: int = 10_000
 
 
 DEFAULT = Plan(rounds=3, warmup=1.0, throughput_duration=6.0, latency_duration=5.0)
@@ -45,4 +47,5 @@ QUICK = Plan(
     profile_seconds=3.0,
     streams=1_000,
     list_large=100_000,
+    schedules=1_000,
 )
