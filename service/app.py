@@ -78,6 +78,8 @@ class Runtime:
     gateway: Gateway
     health: HealthServicer = field(default_factory=HealthServicer)
     loops: Supervisor = field(default_factory=Supervisor)
+    #: the task names and signatures every use case checks against (built once)
+    catalog: Catalog = field(default_factory=lambda: Catalog.from_names([]))
     feed: StateFeed | None = None
     recovery: Recovery | None = None
     operations: Operations | None = None
@@ -115,12 +117,13 @@ class Runtime:
             schedule_horizon=dt.timedelta(seconds=settings.schedule_horizon),
             max_schedule=dt.timedelta(seconds=settings.max_schedule),
         )
-        gateway = Gateway(store, _catalog(settings), outbox, hub, recorder, limits)
+        catalog = _catalog(settings)
+        gateway = Gateway(store, catalog, outbox, hub, recorder, limits)
         signals = CancelSignals.from_settings(settings, send_only_app(settings))
         gateway.control = Control(
             gateway, TaskListing(store.engine), CancelStore(store.engine), signals, hub, recorder
         )
-        runtime = cls(settings, store, publisher, hub, recorder, outbox, gateway)
+        runtime = cls(settings, store, publisher, hub, recorder, outbox, gateway, catalog=catalog)
         runtime._start_loops()
         return runtime
 
@@ -157,7 +160,7 @@ class Runtime:
             RecoveryStore(self.store.engine),
             ResultKeys.from_settings(settings),
             BrokerInspector.from_settings(settings),
-            _catalog(settings),
+            self.catalog,
             RecoverySettings(
                 interval=settings.recovery_interval,
                 lost_timeout=settings.worker_lost_timeout,
@@ -182,7 +185,7 @@ class Runtime:
         settings = self.settings
         store = ScheduleStore(self.store.engine)
         self.schedules = Schedules(
-            store, _catalog(settings), self.outbox, poll_interval=settings.schedule_poll_interval
+            store, self.catalog, self.outbox, poll_interval=settings.schedule_poll_interval
         )
         self.loops.start("schedules", self.schedules.step, backoff=Backoff(first=0.5))
 
@@ -191,7 +194,7 @@ class Runtime:
         self.chord_writer = BackendWriter.from_settings(settings)
         self.workflows = Workflows(
             WorkflowStore(self.store.engine),
-            _catalog(settings),
+            self.catalog,
             self.outbox,
             CanvasCapture(settings),
             self.chord_writer,
@@ -202,7 +205,7 @@ class Runtime:
 
     def start_metrics(self) -> int:
         """Serve this process's metrics on TASKGATE_METRICS_LISTEN; returns the port."""
-        metrics, port = telemetry.enable(self.settings.metrics_listen, _catalog(self.settings).names)
+        metrics, port = telemetry.enable(self.settings.metrics_listen, self.catalog.names)
         rpc_metrics.enable(metrics.registry)
         metrics.watch_streams(lambda: self.hub.watcher_count)
         return port
