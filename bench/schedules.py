@@ -166,7 +166,8 @@ async def _collect(engine: AsyncEngine) -> tuple[list[float], int, int, int, int
     return sorted(lags), len(rows), fired, duplicates, unpublished, int(skipped or 0)
 
 
-async def _drive(url: str, count: int) -> tuple[dt.datetime, tuple[list[float], int, int, int, int, int]]:
+async def _drive(url: str, count: int) -> tuple[list[float], int, int, int, int, int]:
+    """Write, resume and wait for ``count`` schedules on ``url``; what ``_collect`` reads."""
     engine = create_async_engine(url, poolclass=NullPool)
     try:
         started = time.monotonic()
@@ -175,7 +176,7 @@ async def _drive(url: str, count: int) -> tuple[dt.datetime, tuple[list[float], 
         slot = await _resume(engine)
         announce(f"schedules: all due at {slot:%H:%M:%S} UTC")
         await _settle(engine, count, slot)
-        return slot, await _collect(engine)
+        return await _collect(engine)
     finally:
         await engine.dispose()
 
@@ -192,9 +193,7 @@ def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int) ->
     try:
         for n in range(replicas):
             gateways.append(start_taskgate(children, redis.url, db.url, log_name=f"schedules-{n}.log"))
-        _, (lags, firings, fired, duplicates, unpublished, skipped) = asyncio.run(
-            _drive(db.url, plan.schedules)
-        )
+        lags, firings, fired, duplicates, unpublished, skipped = asyncio.run(_drive(db.url, plan.schedules))
         load_after = os.getloadavg()[0]
         per_gateway = [len(_FIRES.findall(g.log.read_bytes())) for g in gateways]
         messages = redis.queue_length()
