@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,9 @@ ON_TIME = dt.timedelta(seconds=10)
 MAX_COUNTED = 10_000
 #: The default of the time fields a schedule gets when stored.
 NEVER = dt.datetime.min.replace(tzinfo=UTC)
+#: Cron slots remembered per (fields, zone, moment): a firing round of schedules sharing
+#: spec and slot computes each next slot once.
+SLOT_CACHE = 4096
 
 
 class ScheduleNotFound(TaskNotFound):
@@ -97,8 +101,10 @@ def zone_of(name: str) -> ZoneInfo:
         ) from None
 
 
+@functools.lru_cache(maxsize=1024)
 def cron_fields(expression: str) -> str:
-    """The five fields of ``expression`` (macros expanded), checked.
+    """The five fields of ``expression`` (macros expanded), checked (remembered: every
+    schedule read back from the store checks its spec again).
 
     Raises:
         InvalidRequest: not five fields, or a field out of range; the message names it.
@@ -143,12 +149,7 @@ class Timing:
                 return anchor
             count = _micros(moment - anchor) // step + 1
             return anchor + dt.timedelta(microseconds=count * step)
-        local = moment.astimezone(zone_of(self.time_zone))
-        for candidate in CronSim(self.cron, local):
-            slot = candidate.astimezone(UTC)
-            if slot > moment:  # a start inside a repeated hour can give a slot before it
-                return slot
-        raise AssertionError("unreachable: cronsim iterates without end")
+        return cron_next(self.cron, self.time_zone, moment)
 
     def to_json(self) -> dict[str, Any]:
         """The ``spec`` column."""
@@ -164,6 +165,20 @@ class Timing:
             interval=None if interval is None else dt.timedelta(seconds=interval),
             time_zone=data.get("time_zone") or "",
         )
+
+
+@functools.lru_cache(maxsize=SLOT_CACHE)
+def cron_next(fields: str, zone: str, moment: dt.datetime) -> dt.datetime:
+    """The first slot of the cron ``fields`` in ``zone`` strictly after ``moment`` (UTC).
+
+    Pure, so remembered: schedules sharing spec, zone and slot parse the spec once.
+    """
+    local = moment.astimezone(zone_of(zone))
+    for candidate in CronSim(fields, local):
+        slot = candidate.astimezone(UTC)
+        if slot > moment:  # a start inside a repeated hour can give a slot before it
+            return slot
+    raise AssertionError("unreachable: cronsim iterates without end")
 
 
 def _micros(delta: dt.timedelta) -> int:

@@ -75,7 +75,7 @@ class Schedules:
         catalog: Catalog,
         outbox: Outbox,
         *,
-        batch: int = 200,
+        batch: int = 1000,
         poll_interval: float = 0.5,
     ) -> None:
         self._store = store
@@ -212,6 +212,7 @@ class Schedules:
         claimed, deliveries = await self._store.fire_due(dt.datetime.now(dt.UTC), self._batch, self._decide)
         if deliveries:
             self._outbox.submit_many(deliveries)
+            log.info("schedules: %d task(s) fired, %d due schedule(s) claimed", len(deliveries), claimed)
         return 0.0 if claimed >= self._batch else self._poll
 
     def _decide(self, schedule: Schedule, previous_running: bool, now: dt.datetime) -> Firing:
@@ -226,7 +227,7 @@ class Schedules:
             log.warning("schedule_id=%s: slot %s skipped: %s", schedule.schedule_id, decided.fire, exc)
             return Firing(Plan(None, decided.skipped + 1, decided.next_run_time), None)
         new = self._new_task(schedule, now, request_id_of(schedule, decided.fire))
-        log.info("task_id=%s schedule_id=%s fires slot %s", new.task_id, schedule.schedule_id, decided.fire)
+        log.debug("task_id=%s schedule_id=%s fires slot %s", new.task_id, schedule.schedule_id, decided.fire)
         return Firing(decided, new)
 
     def _new_task(self, schedule: Schedule, now: dt.datetime, request_id: str) -> NewTask:
