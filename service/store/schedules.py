@@ -50,6 +50,14 @@ schedules = sa.Table(
 #: The fired tasks' INSERT on PostgreSQL: one ``unnest`` statement through the driver (no
 #: statement compiled in Python per round); a slot already fired is left alone.
 INSERT_FIRED = UNNEST_INSERT + " ON CONFLICT DO NOTHING RETURNING task_id"
+#: The claimed schedules' advance on PostgreSQL: one ``unnest`` UPDATE through the driver.
+ADVANCE = """
+UPDATE schedules SET next_run_time = t.next, skipped_count = t.skipped, last_run_time = t.last_run,
+    last_task_id = t.last_task
+FROM unnest($1::varchar[], $2::timestamptz[], $3::bigint[], $4::timestamptz[], $5::varchar[])
+    AS t(key, next, skipped, last_run, last_task)
+WHERE schedules.schedule_id = t.key
+"""
 #: Due schedules decided between two yields to the event loop.
 DECIDE_CHUNK = 100
 
@@ -237,8 +245,8 @@ class ScheduleStore:
         )
         return set((await conn.execute(statement)).scalars())
 
-    @staticmethod
     async def _advance(
+        self,
         conn: AsyncConnection,
         firings: Sequence[tuple[RowMapping, Firing]],
         inserted: set[str],
@@ -256,6 +264,10 @@ class ScheduleStore:
                     "b_last_task": firing.task.task_id if fired and firing.task else row["last_task_id"],
                 }
             )
+        if self._postgres:
+            arrays = columns((tuple(value.values()) for value in values), 5)
+            await on_driver(conn, ADVANCE, lambda driver: driver.execute(ADVANCE, *arrays))
+            return
         statement = (
             schedules.update()
             .where(schedules.c.schedule_id == sa.bindparam("b_key"))
