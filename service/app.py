@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2
@@ -255,6 +257,33 @@ class Runtime:
         await self.store.close()
 
 
+def ensure_port_free(listen: str) -> None:
+    """Raise OSError ("cannot listen on …") when another process listens on ``listen``.
+
+    gRPC binds only once everything else is up; without SO_REUSEPORT a port in use is
+    certain to fail then, so say it at once. Port 0 (any free port) is never in use.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # an unresolvable host is for the gRPC server to report
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(
+                        f"cannot listen on {listen} (address in use? "
+                        "TASKGATE_REUSE_PORT=1 lets replicas share a port)"
+                    ) from exc
+
+
 def masked_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for logs and messages)."""
     try:
@@ -275,6 +304,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(2) from None
+    if not settings.reuse_port:
+        ensure_port_free(settings.listen)  # fail fast, before connecting anywhere
     log.info("database %s", masked_url(settings.database_url))
     runtime = await Runtime.start(settings)
     if settings.metrics_listen:

@@ -29,10 +29,11 @@ CASES = {
         task_name="demo.add",
         args=[1, {"nested": [1.5, None, True]}],
         kwargs={},
-        run_time=NOW + dt.timedelta(minutes=2),
+        # a day ahead: still in the future however long the suite ran before this test
+        run_time=NOW + dt.timedelta(days=1),
         queue="other",
         priority=5,
-        expire_time=NOW + dt.timedelta(hours=1),
+        expire_time=NOW + dt.timedelta(days=2),
         headers={"x-trace": "abc"},
     ),
     "top-priority": Delivery(task_id="", task_name="demo.add", args=[], kwargs={}, run_time=NOW, priority=9),
