@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 from service.config import Settings
 from service.domain.errors import BrokerUnavailable, DatabaseUnavailable
 from service.store.migrate import SchemaNotCurrent, check_current
+from service.store.tasks import PGBOUNCER_ARGS
 
 #: Seconds a start-up check waits for a dependency to answer.
 CHECK_TIMEOUT = 5.0
@@ -119,12 +120,14 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-async def check_database(url: str) -> None:
-    """Raise StartupProblem unless the database answers, exists and has the current schema."""
+async def check_database(url: str, *, pgbouncer: bool = False) -> None:
+    """Raise StartupProblem unless the database answers, exists and has the current schema
+    (``pgbouncer``: no prepared statement outlives its transaction, as the store does)."""
     is_asyncpg = make_url(url).drivername.endswith("asyncpg")
-    engine = create_async_engine(
-        url, poolclass=NullPool, connect_args={"timeout": CHECK_TIMEOUT} if is_asyncpg else {}
-    )
+    connect_args: dict[str, object] = {}
+    if is_asyncpg:
+        connect_args = {"timeout": CHECK_TIMEOUT, **(PGBOUNCER_ARGS if pgbouncer else {})}
+    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args)
     try:
         with _quiet("alembic"):
             await asyncio.wait_for(check_current(engine), CHECK_TIMEOUT * 2)
@@ -172,7 +175,7 @@ async def preflight(settings: Settings) -> None:
     Raises:
         StartupProblem: the first dependency that is missing or unreachable.
     """
-    await check_database(settings.database_url)
+    await check_database(settings.database_url, pgbouncer=settings.db_pgbouncer)
     if settings.broker_url.startswith(("redis://", "rediss://")):
         await check_redis(settings.broker_url, "CELERY_BROKER_URL")
     if settings.result_backend != settings.broker_url:

@@ -37,6 +37,9 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # the connection's protocol state is broken ("another operation is in progress" after
+    # the server terminated it mid-call): it must be discarded, like a dropped one
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -45,6 +48,7 @@ _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     sa.exc.SQLAlchemyError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )

@@ -138,6 +138,8 @@ async def enqueue_load(stub: pb_grpc.TaskServiceStub, tags: list[str], accepted:
         await asyncio.sleep(0.05)
 
 
+# a RabbitMQ node restart plus 1,000 tasks: minutes on a loaded CI machine, bounded here
+@pytest.mark.timeout(420)
 async def test_a_rabbitmq_restart_under_load_loses_and_repeats_nothing(
     broker_settings: Settings, tmp_path: Path
 ) -> None:
