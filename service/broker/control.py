@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
@@ -24,6 +23,7 @@ from celery import Celery
 from redis.exceptions import RedisError
 
 from service.domain.errors import ResultBackendUnavailable
+from service.runtime.redis_pool import small_pool
 from taskgate.worker.contract import CANCEL_MARK_TTL, CelerySettings, RedisKeys
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,8 @@ class CancelSignals:
     def from_settings(cls, settings: CelerySettings, app: Celery) -> CancelSignals:
         """Signals on a small pool to ``settings.result_backend``; ``app`` sends the revokes
         (a send-only app: ``service.broker.publisher.send_only_app``)."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.result_backend,
-            max_connections=2,
-            timeout=5,
-            socket_timeout=5,
-            socket_connect_timeout=3,
-            client_name=f"taskgate-{os.getpid()}-cancel",
-        )
-        return cls(aioredis.Redis.from_pool(pool), settings.keys, app, settings.result_expires)
+        client = small_pool(settings.result_backend, "cancel", size=2, wait=5)
+        return cls(client, settings.keys, app, settings.result_expires)
 
     async def mark(self, task_id: str, reason: str) -> None:
         """Set the durable cancellation mark of ``task_id``.

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from typing import Any
 
@@ -35,6 +34,7 @@ from redis.exceptions import RedisError
 
 from service.broker.redis_message import RedisLayout
 from service.domain.errors import BrokerUnavailable
+from service.runtime.redis_pool import small_pool
 from taskgate.worker.contract import CelerySettings, common_conf
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,7 @@ class BrokerInspector:
             priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
             sep=options.get("sep", "\x06\x16"),
         )
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.broker_url,
-            max_connections=1,
-            timeout=10,
-            socket_timeout=10,
-            socket_connect_timeout=3,
-            client_name=f"taskgate-{os.getpid()}-inspect",
-        )
-        return cls(aioredis.Redis(connection_pool=pool), layout)
+        return cls(small_pool(settings.broker_url, "inspect", size=1, socket_timeout=10), layout)
 
     def list_keys(self, queue: str) -> list[str]:
         """The Redis lists of ``queue``: the plain one and one per priority step above 0."""

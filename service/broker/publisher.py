@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ from service.broker.amqp import AMQP_SCHEMES, AmqpPublisher
 from service.broker.redis_message import RedisLayout, build_message
 from service.domain.errors import BrokerUnavailable
 from service.domain.model import Delivery
+from service.runtime.redis_pool import small_pool
 from taskgate.worker.contract import CelerySettings, common_conf
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,7 @@ class RedisPublisher:
             priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
             sep=options.get("sep", "\x06\x16"),
         )
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.broker_url,
-            max_connections=1,
-            timeout=10,
-            socket_timeout=5,
-            socket_connect_timeout=3,
-            client_name=f"taskgate-{os.getpid()}-publish",
-        )
-        return cls(aioredis.Redis.from_pool(pool), layout)
+        return cls(small_pool(settings.broker_url, "publish", size=1), layout)
 
     async def publish(self, deliveries: Sequence[Delivery]) -> list[str]:
         if not deliveries:

@@ -9,13 +9,13 @@ workflow is committed: none of its entry messages can be published before them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
 from service.domain.workflow import BackendWrite
 from service.results.hub import redis_errors
+from service.runtime.redis_pool import small_pool
 from taskgate.worker.contract import CelerySettings
 
 
@@ -28,15 +28,7 @@ class BackendWriter:
     @classmethod
     def from_settings(cls, settings: CelerySettings) -> BackendWriter:
         """A writer on a small pool of connections to ``settings.result_backend``."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.result_backend,
-            max_connections=4,
-            timeout=10,
-            socket_timeout=5,
-            socket_connect_timeout=3,
-            client_name=f"taskgate-{os.getpid()}-chords",
-        )
-        return cls(aioredis.Redis.from_pool(pool))
+        return cls(small_pool(settings.result_backend, "chords", size=4))
 
     async def write(self, writes: Sequence[BackendWrite]) -> None:
         """Make ``writes`` in order.

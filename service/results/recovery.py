@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Collection
 from typing import Any
 
@@ -25,6 +24,7 @@ import redis.asyncio as aioredis
 
 from service.domain.model import TaskError
 from service.results.hub import redis_errors
+from service.runtime.redis_pool import small_pool
 from taskgate.worker.contract import CelerySettings, RedisKeys
 
 
@@ -52,17 +52,8 @@ class ResultKeys:
     @classmethod
     def from_settings(cls, settings: CelerySettings) -> ResultKeys:
         """Result keys on one small connection pool to ``settings.result_backend``."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.result_backend,
-            max_connections=2,
-            timeout=10,
-            socket_timeout=5,
-            socket_connect_timeout=3,
-            client_name=f"taskgate-{os.getpid()}-recovery",
-        )
-        return cls(
-            aioredis.Redis(connection_pool=pool), settings.keys, result_expires=settings.result_expires
-        )
+        client = small_pool(settings.result_backend, "recovery", size=2)
+        return cls(client, settings.keys, result_expires=settings.result_expires)
 
     async def alive(self, hostnames: Collection[str]) -> set[str]:
         """Those of ``hostnames`` whose heartbeat key exists.
