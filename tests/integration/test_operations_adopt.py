@@ -26,6 +26,13 @@ from tests.helpers import enqueue, value, wait_state
 async def adopting(settings: Settings, runtime: Runtime) -> AsyncIterator[Runtime]:
     """A second gateway runtime on the session's database and Redis, adopting foreign tasks."""
     adopter = await Runtime.start(settings.model_copy(update={"adopt_foreign": True}))
+    # the adopter must hear the worker's documents: its subscription is how it sees them in
+    # this test (the state feed's entries may be read by the session gateway's consumer,
+    # which has the same name in this process and does not adopt)
+    deadline = time.monotonic() + 30
+    while not adopter.hub.ready:
+        assert time.monotonic() < deadline, "the adopting gateway's subscription never came up"
+        await asyncio.sleep(0.05)
     yield adopter
     adopter.hub.begin_shutdown()
     await adopter.stop()
