@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from dataclasses import dataclass
 
 from service.broker.fleet import QueueDepths, WorkerInspector, WorkerSnapshot
@@ -59,6 +60,8 @@ class Operations:
         self._depths = depths
         self._inspector = inspector
         self._retention = retention
+        #: the retention pass under way: (monotonic start, rows deleted so far), or None
+        self._pass: tuple[float, int] | None = None
 
     async def list_queues(self, caller: Caller) -> list[QueueInfo]:
         """Every queue with recorded unfinished tasks or broker messages, by name.
@@ -116,10 +119,19 @@ class Operations:
         if self._retention <= 0:
             return RETENTION_INTERVAL
         before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._retention)
+        started, total = self._pass or (time.monotonic(), 0)
         deleted = await self._store.delete_finished(before, RETENTION_BATCH)
-        if deleted:
-            log.debug("retention: deleted %d tasks finished before %s", deleted, before.isoformat())
-        return RETENTION_PAUSE if deleted >= RETENTION_BATCH else RETENTION_INTERVAL
+        total += deleted
+        if deleted >= RETENTION_BATCH:
+            self._pass = (started, total)
+            return RETENTION_PAUSE
+        self._pass = None
+        if total:
+            log.info(
+                "retention: deleted %d tasks finished before %s in %.1fs",
+                total, before.isoformat(timespec="seconds"), time.monotonic() - started,
+            )  # fmt: skip
+        return RETENTION_INTERVAL
 
     async def purge(self) -> int:
         """Delete every expired terminal task now (batch by batch); returns how many."""
