@@ -18,6 +18,15 @@ is ``headers.id`` (protocol 2), else ``properties.correlation_id``.
 The reading is bounded: at most ``budget`` messages per question, ``chunk`` per round trip,
 each chunk decoded off the event loop. A broker holding more than the budget answers
 "unknown" (None), and the caller republishes nothing.
+
+**Prefetched messages of a dead worker.** The unacked hash does not say which consumer took
+a message; ``<p>unacked_index`` (a sorted set: delivery_tag -> when it was taken) says when.
+``taken`` reads the entries taken before a time; ``holders`` asks the live workers (Celery's
+``query_task`` broadcast, one per question) which of those tasks they hold (reserved,
+scheduled or active); ``restore`` puts one message back at the head of its queue and
+removes it from the hash and the index in one Lua script, only if the entry is still the
+one read (compare-and-move: a message acked or restored meanwhile is left alone), setting
+``redelivered`` as kombu's ``restore_by_tag`` does.
 """
 
 from __future__ import annotations
@@ -26,12 +35,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from celery import Celery
 from redis.exceptions import RedisError
 
+from service.broker.publisher import send_only_app
 from service.broker.redis_message import RedisLayout
 from service.domain.errors import BrokerUnavailable
 from service.runtime.redis_pool import small_pool
@@ -41,6 +53,21 @@ log = logging.getLogger(__name__)
 
 #: kombu's Redis transport: the hash of messages taken by a consumer and not acked yet.
 UNACKED_KEY = "unacked"
+#: kombu's Redis transport: sorted set delivery_tag -> time the message was taken.
+UNACKED_INDEX_KEY = "unacked_index"
+#: Seconds the live workers get to answer ``query_task``.
+HOLDERS_TIMEOUT = 1.0
+#: Put an unacked message back on its list if its entry is still the one read:
+#: KEYS unacked hash, unacked index, list; ARGV tag, entry read, message to push.
+_RESTORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 1
+"""
 #: Messages read per round trip.
 CHUNK = 1000
 #: Messages read at most to answer one question.
@@ -80,6 +107,39 @@ def _broker_errors() -> Iterator[None]:
         raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A message a consumer took and has not acked: its delivery tag, the hash entry as
+    stored (``[message, exchange, routing_key]``) and when it was taken (epoch seconds)."""
+
+    tag: str
+    entry: bytes
+    taken_at: float
+
+
+def redelivery(entry: bytes) -> tuple[bytes, int] | None:
+    """The message to push back for an unacked ``entry`` (``redelivered`` set, as kombu's
+    restore does) and its priority; None when the entry holds no message."""
+    try:
+        document: Any = orjson.loads(entry)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, list) or not document or not isinstance(document[0], dict):
+        return None
+    message: dict[str, Any] = document[0]
+    headers, properties = message.get("headers"), message.get("properties")
+    if isinstance(headers, dict):
+        headers["redelivered"] = True
+    priority = 0
+    if isinstance(properties, dict):
+        info = properties.get("delivery_info")
+        if isinstance(info, dict):
+            info["redelivered"] = True
+        with contextlib.suppress(TypeError, ValueError):
+            priority = int(properties.get("priority") or 0)
+    return orjson.dumps(message), priority
+
+
 class BudgetExceeded(Exception):
     """The broker holds more messages than one question may read."""
 
@@ -88,12 +148,20 @@ class BrokerInspector:
     """Reads which task ids a Redis broker holds (see the module docstring)."""
 
     def __init__(
-        self, client: aioredis.Redis, layout: RedisLayout, *, chunk: int = CHUNK, budget: int = BUDGET
+        self,
+        client: aioredis.Redis,
+        layout: RedisLayout,
+        *,
+        app: Celery | None = None,
+        chunk: int = CHUNK,
+        budget: int = BUDGET,
     ) -> None:
         self._client = client
         self._layout = layout
+        self._app = app
         self._chunk = chunk
         self._budget = budget
+        self._restore = client.register_script(_RESTORE)
 
     @classmethod
     def from_settings(cls, settings: CelerySettings) -> BrokerInspector | None:
@@ -106,7 +174,8 @@ class BrokerInspector:
             priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
             sep=options.get("sep", "\x06\x16"),
         )
-        return cls(small_pool(settings.broker_url, "inspect", size=1, socket_timeout=10), layout)
+        client = small_pool(settings.broker_url, "inspect", size=1, socket_timeout=10)
+        return cls(client, layout, app=send_only_app(settings))
 
     def list_keys(self, queue: str) -> list[str]:
         """The Redis lists of ``queue``: the plain one and one per priority step above 0."""
@@ -170,6 +239,88 @@ class BrokerInspector:
             if cursor == 0:
                 return
 
+    async def taken(self, wanted: Collection[str], before: float) -> dict[str, Taken] | None:
+        """Those of ``wanted`` whose message sits in the unacked hash, taken before
+        ``before`` (epoch seconds), by task id; None when that takes more than the budget.
+
+        Raises:
+            BrokerUnavailable: Redis is unreachable.
+        """
+        todo, found = set(wanted), dict[str, Taken]()
+        index = f"{self._layout.key_prefix}{UNACKED_INDEX_KEY}"
+        unacked = f"{self._layout.key_prefix}{UNACKED_KEY}"
+        with _broker_errors():
+            for offset in range(0, self._budget, self._chunk):
+                rows: list[Any] = await self._client.zrange(
+                    index, "-inf", before, byscore=True, offset=offset, num=self._chunk, withscores=True
+                )
+                if not rows:
+                    return found
+                tags = [_text(row[0]) for row in rows]
+                entries = await self._client.hmget(unacked, tags)
+                for tag, row, entry in zip(tags, rows, entries, strict=True):
+                    if entry is None:
+                        continue
+                    raw = entry if isinstance(entry, bytes) else str(entry).encode()
+                    task_id = task_id_of(raw)
+                    if task_id in todo:
+                        todo.discard(task_id)
+                        found[task_id] = Taken(tag, raw, float(row[1]))
+                if not todo or len(rows) < self._chunk:
+                    return found
+        log.warning(
+            "broker inspection: more than %d messages unacked; nothing decided this pass", self._budget
+        )
+        return None
+
+    async def holders(self, task_ids: Collection[str]) -> set[str] | None:
+        """Those of ``task_ids`` a live worker holds (reserved, scheduled or active), as the
+        workers answering Celery's ``query_task`` within ``HOLDERS_TIMEOUT`` say; None when
+        this inspector cannot ask (no Celery app).
+
+        Raises:
+            BrokerUnavailable: the broker is unreachable.
+        """
+        if self._app is None:
+            return None
+        if not task_ids:
+            return set()
+        return await asyncio.to_thread(self._query, sorted(task_ids))
+
+    def _query(self, task_ids: list[str]) -> set[str]:
+        assert self._app is not None
+        try:
+            replies = self._app.control.inspect(timeout=HOLDERS_TIMEOUT).query_task(*task_ids) or {}
+        except (OSError, ConnectionError, RedisError) as exc:
+            raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
+        return {str(task_id) for held in replies.values() if isinstance(held, dict) for task_id in held}
+
+    async def restore(self, taken: Taken, queue: str) -> bool:
+        """Push ``taken``'s message back at the head of ``queue`` (empty: the default
+        queue; its priority list) and drop its unacked entry, atomically and only if the
+        entry is unchanged; returns whether it was restored.
+
+        Raises:
+            BrokerUnavailable: Redis is unreachable.
+        """
+        again = redelivery(taken.entry)
+        if again is None:
+            return False
+        message, priority = again
+        layout = self._layout
+        name = queue or layout.default_queue
+        step = layout.priority_step(priority)
+        key = f"{layout.key_prefix}{name}{layout.sep}{step}" if step else f"{layout.key_prefix}{name}"
+        keys = [f"{layout.key_prefix}{UNACKED_KEY}", f"{layout.key_prefix}{UNACKED_INDEX_KEY}", key]
+        with _broker_errors():
+            return bool(await self._restore(keys=keys, args=[taken.tag, taken.entry, message]))
+
     async def aclose(self) -> None:
-        """Release the connection."""
+        """Release the connection (and the Celery app's, on a thread: kombu closes synchronously)."""
         await self._client.aclose(close_connection_pool=True)
+        if self._app is not None:
+            await asyncio.to_thread(self._app.close)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -22,6 +22,15 @@ more than ``lost_after`` seconds ago, that no worker has written anything for, a
 message is neither in its queue's lists nor in the unacked hash, on two consecutive passes,
 is put back in the outbox. Two passes, because a message moves from the queue to the
 unacked hash (and is acked before STARTED) while the broker is read.
+
+**Messages prefetched by a dead worker** (Redis broker only). Such a task is QUEUED and its
+message sits in kombu's unacked hash, which does not say which consumer took it; kombu
+would restore it only after the visibility timeout (an hour by default). A waiting task as
+above whose message was taken more than ``lost_after`` seconds ago and that no live worker
+holds (Celery's ``query_task`` broadcast: reserved, scheduled or active), on two
+consecutive passes, has its message moved back to the head of its queue (compare-and-move,
+atomic; see ``service.broker.inspect``). A live worker that did not answer in time keeps its
+copy: the task is then delivered twice and the run-once guard lets only one delivery run.
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ import datetime as dt
 import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from service.domain.catalog import Catalog
 from service.domain.model import TaskError
 from service.store.recovery import LostCandidate
+
+if TYPE_CHECKING:
+    from service.broker.inspect import Taken
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +87,9 @@ class BrokerPort(Protocol):
     """Which task ids the broker holds (``service.broker.inspect``)."""
 
     async def held(self, queues: Iterable[str], wanted: Collection[str]) -> set[str] | None: ...
+    async def taken(self, wanted: Collection[str], before: float) -> dict[str, Taken] | None: ...
+    async def holders(self, task_ids: Collection[str]) -> set[str] | None: ...
+    async def restore(self, taken: Taken, queue: str) -> bool: ...
     async def aclose(self) -> None: ...
 
 
@@ -108,6 +123,8 @@ class Recovery:
         self._missing: dict[str, dt.datetime] = {}
         #: tasks the broker did not hold on the last pass
         self._suspects: set[str] = set()
+        #: tasks taken from the broker long ago that no live worker held on the last pass
+        self._orphans: set[str] = set()
         if broker is None:
             log.info("recovery: the broker is not Redis; tasks lost by the broker are not looked for")
 
@@ -163,11 +180,13 @@ class Recovery:
         ids = {task.task_id for task in candidates}
         ids -= await self._results.reported(ids)
         if not ids:
-            self._suspects = set()
+            self._suspects, self._orphans = set(), set()
             return []
         held = await self._broker.held({task.queue for task in candidates if task.task_id in ids}, ids)
         if held is None:
             return []
+        queues = {task.task_id: task.queue for task in candidates}
+        await self.orphaned(ids & held, queues, now)
         missing = ids - held
         confirmed = sorted(missing & self._suspects)
         self._suspects = missing - set(confirmed)
@@ -177,6 +196,32 @@ class Recovery:
                 "recovery: %d task(s) the broker no longer holds republished: %s", count, " ".join(confirmed)
             )
         return confirmed
+
+    async def orphaned(self, ids: Collection[str], queues: dict[str, str], now: dt.datetime) -> list[str]:
+        """Restore the messages of ``ids`` (waiting tasks the broker holds) taken more than
+        ``lost_after`` ago that no live worker holds (two passes in a row); returns their
+        ids. ``queues`` names each task's queue."""
+        assert self._broker is not None
+        before = (now - dt.timedelta(seconds=self._settings.lost_after)).timestamp()
+        taken = await self._broker.taken(ids, before) if ids else {}
+        if taken is None:
+            return []
+        holding = await self._broker.holders(taken) if taken else set()
+        if holding is None:
+            return []
+        orphans = set(taken) - holding
+        confirmed = sorted(orphans & self._orphans)
+        self._orphans = orphans - set(confirmed)
+        restored = [
+            task_id for task_id in confirmed if await self._broker.restore(taken[task_id], queues[task_id])
+        ]
+        if restored:
+            log.warning(
+                "recovery: %d message(s) taken by a worker that is gone restored to their queue: %s",
+                len(restored),
+                " ".join(restored),
+            )
+        return restored
 
     async def aclose(self) -> None:
         """Release the result backend's and the broker's connections."""
