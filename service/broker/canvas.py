@@ -14,6 +14,9 @@ the gateway stores the messages in the outbox and makes the backend writes itsel
 
 Celery's canvas is synchronous Python; one capture runs at a time (a lock), on the caller's
 thread (Celery keeps a result backend per thread: each is made to record on first use).
+It costs several times a task's own enqueue: the plain shapes (a group of tasks, a chain
+of tasks, a chord of tasks) are built by hand instead (``build``,
+``service.broker.canvas_plain``), and only the others go through Celery's canvas.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from celery import Celery
 from celery.canvas import Signature, chain, group
+from celery.utils.nodenames import anon_nodename
 
+from service.broker import canvas_plain
 from service.domain.model import Delivery
 from service.domain.workflow import BackendWrite, ChainStep, Step, TaskStep, tasks_of
 from taskgate.worker.contract import CelerySettings, common_conf
@@ -83,6 +88,14 @@ class CanvasCapture:
         self._messages: list[tuple[str, dict[str, Any], Any]] = []
         self._client = _RecordingClient()
         app.amqp.__dict__["send_task_message"] = self._record_message
+        backend: Any = app.backend  # a RedisBackend (celery-types knows only the base)
+        self._sender = canvas_plain.Sender(
+            origin=anon_nodename(),
+            reply_to=app.thread_oid,
+            repr_maxlevels=app.conf.task_repr_maxlevels,
+            group_key=lambda group_id, suffix: _text(backend.get_key_for_group(group_id, suffix)),
+            chord_expires=int(backend.chord_expires) if backend.chord_expires else None,
+        )
 
     def _recording_backend(self) -> None:
         """Make this thread's result backend record (Celery keeps one backend per thread)."""
@@ -105,37 +118,45 @@ class CanvasCapture:
         headers.update(options.get("headers") or {})
         self._messages.append((name, headers, message.body))
 
-    def signature(self, step: Step) -> Signature:
-        """The Celery canvas of ``step``, with every id fixed."""
+    def signature(self, step: Step, trace: Mapping[str, str] | None = None) -> Signature:
+        """The Celery canvas of ``step``, with every id fixed (and ``trace`` in every
+        task's headers)."""
         if isinstance(step, TaskStep):
             return Signature(
                 step.task_name,
                 args=tuple(step.args),
                 kwargs=step.kwargs,
-                options=_task_options(step),
+                options=_task_options(step, trace),
                 immutable=step.immutable,
                 app=self._app,
             )
-        children = [self.signature(child) for child in step.steps]
+        children = [self.signature(child, trace) for child in step.steps]
         if isinstance(step, ChainStep):
             return chain(*children, app=self._app)
         return group(children, app=self._app).set(task_id=step.group_id)
 
-    def capture(self, root: Step, now: dt.datetime) -> Captured:
+    def build(self, root: Step, now: dt.datetime, trace: Mapping[str, str] | None = None) -> Captured | None:
+        """What ``capture`` records, built by hand for the plain shapes (a group, a chain
+        or a chord of tasks; ``service.broker.canvas_plain``); None for any other."""
+        built = canvas_plain.build(root, now, trace or {}, self._sender)
+        return None if built is None else Captured(*built)
+
+    def capture(self, root: Step, now: dt.datetime, trace: Mapping[str, str] | None = None) -> Captured:
         """Apply ``root``'s canvas on the recording app: its entry messages, as deliveries
-        (in the order Celery sends them), and its result-backend writes."""
+        (in the order Celery sends them), and its result-backend writes. ``trace`` (the
+        caller's ``traceparent``/``tracestate``) goes into every task's ``headers``."""
         by_id = {task.task_id: task for task in tasks_of(root)}
         with self._lock:
             self._recording_backend()
             self._messages.clear()
             self._client.writes.clear()
-            self.signature(root).apply_async(producer=_Producer())  # type: ignore[arg-type]
+            self.signature(root, trace).apply_async(producer=_Producer())  # type: ignore[arg-type]
             messages, writes = list(self._messages), list(self._client.writes)
         captured = Captured(writes=writes)
         for name, headers, body in messages:
             step = by_id[headers["id"]]
             plain = orjson.loads(orjson.dumps({"headers": headers, "body": body}, default=str))
-            captured.deliveries.append(_delivery(step, name, plain, now))
+            captured.deliveries.append(_delivery(step, name, plain, now, trace))
         return captured
 
 
@@ -147,14 +168,14 @@ def _not_pending(result: Any, *_: Any, **__: Any) -> Any:
     return result
 
 
-def _task_options(step: TaskStep) -> dict[str, Any]:
+def _task_options(step: TaskStep, trace: Mapping[str, str] | None) -> dict[str, Any]:
     options: dict[str, Any] = {"task_id": step.task_id}
     if step.queue:
         options["queue"] = step.queue
     if step.priority is not None:
         options["priority"] = step.priority
-    if step.headers:
-        options["headers"] = dict(step.headers)
+    if step.headers or trace:
+        options["headers"] = {**step.headers, **(trace or {})}
     if step.time_limit is not None:
         options["time_limit"] = step.time_limit
     if step.soft_time_limit is not None:
@@ -164,7 +185,9 @@ def _task_options(step: TaskStep) -> dict[str, Any]:
     return options
 
 
-def _delivery(step: TaskStep, name: str, message: dict[str, Any], now: dt.datetime) -> Delivery:
+def _delivery(
+    step: TaskStep, name: str, message: dict[str, Any], now: dt.datetime, trace: Mapping[str, str] | None
+) -> Delivery:
     args, kwargs, _ = message["body"]
     expires = message["headers"].get("expires")
     return Delivery(
@@ -180,4 +203,5 @@ def _delivery(step: TaskStep, name: str, message: dict[str, Any], now: dt.dateti
         time_limit=step.time_limit,
         soft_time_limit=step.soft_time_limit,
         message=message,
+        trace_headers=dict(trace) if trace else None,
     )
