@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -138,12 +139,24 @@ async def enqueue_load(stub: pb_grpc.TaskServiceStub, tags: list[str], accepted:
         await asyncio.sleep(0.05)
 
 
+def queue_report(settings: Settings) -> str:
+    """The vhost's queues as ``rabbitmqctl list_queues`` shows them (for a failure's report)."""
+    vhost = settings.broker_url.rsplit("/", 1)[1]
+    columns = ("name", "messages_ready", "messages_unacknowledged", "consumers")
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-p", vhost, *columns], capture_output=True, text=True, timeout=60
+    )
+    return listed.stdout + listed.stderr
+
+
 # a RabbitMQ node restart plus 1,000 tasks: minutes on a loaded CI machine, bounded here
 @pytest.mark.timeout(420)
 @pytest.mark.xfail(
-    reason="open (issue 18): 751 of 1,000 tasks had not run 180 s after the restart in the full "
-    "suite, and it fails alone too since the later merges; the publisher's reconnect after "
-    "stop_app is suspect",
+    reason="open (issue 18): the worker, not the gateway — Celery 5.7's prefetch-count reduction "
+    "restores the count with a synchronous basic.qos from the acking thread; with the threads pool "
+    "that thread races the consumer's reads and the worker stops consuming after the restart "
+    "(64 unacked, nothing runs). Passes with worker_enable_prefetch_count_reduction=False, which "
+    "belongs in taskgate.worker.configure",
     strict=False,
 )
 async def test_a_rabbitmq_restart_under_load_loses_and_repeats_nothing(
@@ -155,13 +168,17 @@ async def test_a_rabbitmq_restart_under_load_loses_and_repeats_nothing(
     accepted: list[str] = []
     with broker_worker(broker_settings, tmp_path) as worker_log:
         async with gateway_process(broker_settings, **FAST) as gateway, stub_for(gateway) as stub:
-            load = asyncio.create_task(enqueue_load(stub, tags, accepted))
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(rabbitmqctl, "stop_app")
-            await asyncio.sleep(1.0)
-            await asyncio.to_thread(rabbitmqctl, "start_app")
-            await load
-            counts = await wait_runs(broker_settings, accepted, timeout=180)
+            try:
+                load = asyncio.create_task(enqueue_load(stub, tags, accepted))
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(rabbitmqctl, "stop_app")
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(rabbitmqctl, "start_app")
+                await load
+                counts = await wait_runs(broker_settings, accepted, timeout=180)
+            finally:
+                (tmp_path / "gateway.log").write_bytes(gateway.output)
+                (tmp_path / "queues.txt").write_text(await asyncio.to_thread(queue_report, broker_settings))
         assert b"left in the outbox" in gateway.output  # the restart did hit the publishing
     assert accepted == tags  # every Enqueue answered OK, outage or not
     lost = [tag for tag in tags if counts[tag] == 0]
