@@ -3,8 +3,9 @@
 ListQueues and ListWorkers show the whole fleet, so only callers with ``read_all`` may ask.
 Two background loops (started by ``service/app.py``): ``gauge_step`` refreshes the outbox
 and held-task gauges (metrics on only), ``retention_step`` deletes terminal tasks older than
-the retention in batches of ``RETENTION_BATCH`` with a short pause between batches, so a
-backlog of a million rows never holds the table or the event loop for long.
+the retention in batches of ``RETENTION_BATCH``, walking the retention index forward within
+a pass, with a pause after each batch of at least ``RETENTION_SLOWDOWN`` times what it took,
+so a backlog of a million rows never holds the table, the database or the event loop for long.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.broker.fleet import QueueDepths, WorkerInspector, WorkerSnapshot
 from service.broker.redis_message import DEFAULT_QUEUE
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 
 #: Rows deleted per retention statement.
 RETENTION_BATCH = 1000
-#: Seconds between two retention batches while there is more to delete.
+#: Seconds between two retention batches while there is more to delete, at least …
 RETENTION_PAUSE = 0.05
+#: … and at least this many times what the batch took: retention holds a database
+#: connection at most a quarter of the time, and a busy database slows it down.
+RETENTION_SLOWDOWN = 3.0
 #: Seconds between retention passes once nothing is left to delete.
 RETENTION_INTERVAL = 60.0
 #: Seconds between refreshes of the outbox gauges.
@@ -45,6 +49,18 @@ class QueueInfo:
     running: int = 0
 
 
+@dataclass(slots=True)
+class _Pass:
+    """A retention pass: batch after batch until one comes back short."""
+
+    started: float = field(default_factory=time.monotonic)
+    deleted: int = 0
+    #: the cut-off of the latest batch (moves on with the clock)
+    before: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    #: where the next batch starts in the retention index (the newest time deleted so far)
+    since: dt.datetime | None = None
+
+
 class Operations:
     """Queues, workers, gauges and retention."""
 
@@ -60,8 +76,8 @@ class Operations:
         self._depths = depths
         self._inspector = inspector
         self._retention = retention
-        #: the retention pass under way: (monotonic start, rows deleted so far), or None
-        self._pass: tuple[float, int] | None = None
+        #: the retention pass under way (None between passes)
+        self._pass: _Pass | None = None
 
     async def list_queues(self, caller: Caller) -> list[QueueInfo]:
         """Every queue with recorded unfinished tasks or broker messages, by name.
@@ -118,32 +134,38 @@ class Operations:
         """Delete one batch of expired terminal tasks; returns the wait before the next."""
         if self._retention <= 0:
             return RETENTION_INTERVAL
-        before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._retention)
-        started, total = self._pass or (time.monotonic(), 0)
-        deleted = await self._store.delete_finished(before, RETENTION_BATCH)
-        total += deleted
-        if deleted >= RETENTION_BATCH:
-            self._pass = (started, total)
-            return RETENTION_PAUSE
+        run = self._pass or _Pass()
+        more, pause = await self._delete_batch(run)
+        if more:
+            self._pass = run
+            return pause
         self._pass = None
-        if total:
+        if run.deleted:
             log.info(
                 "retention: deleted %d tasks finished before %s in %.1fs",
-                total, before.isoformat(timespec="seconds"), time.monotonic() - started,
+                run.deleted, run.before.isoformat(timespec="seconds"), time.monotonic() - run.started,
             )  # fmt: skip
         return RETENTION_INTERVAL
 
     async def purge(self) -> int:
         """Delete every expired terminal task now (batch by batch); returns how many."""
-        total = 0
+        run = _Pass()
         while self._retention > 0:
-            before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._retention)
-            deleted = await self._store.delete_finished(before, RETENTION_BATCH)
-            total += deleted
-            if deleted < RETENTION_BATCH:
-                return total
-            await asyncio.sleep(RETENTION_PAUSE)
-        return total
+            more, pause = await self._delete_batch(run)
+            if not more:
+                break
+            await asyncio.sleep(pause)
+        return run.deleted
+
+    async def _delete_batch(self, run: _Pass) -> tuple[bool, float]:
+        """One batch of ``run``: (whether more may be left, the pause before the next)."""
+        run.before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._retention)
+        started = time.monotonic()
+        batch = await self._store.delete_finished(run.before, RETENTION_BATCH, since=run.since)
+        took = time.monotonic() - started
+        run.deleted += batch.count
+        run.since = batch.newest or run.since
+        return batch.count >= RETENTION_BATCH, max(RETENTION_PAUSE, RETENTION_SLOWDOWN * took)
 
     async def aclose(self) -> None:
         """Release the broker connections."""
