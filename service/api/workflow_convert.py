@@ -8,7 +8,6 @@ permission checks follow in the use case, by the same paths.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from service.api import control_convert, convert
@@ -59,7 +58,7 @@ def step_of(message: wpb.Step, path: str, limits: InputLimits, budget: _Budget, 
         raise InvalidRequest(f"{path}: a step needs one of task, chain or group")
     if kind == "task":
         budget.take()
-        return dataclasses.replace(template_of(message.task, f"{path}.task", limits), path=path)
+        return template_of(message.task, f"{path}.task", limits, step_path=path)
     if depth > MAX_DEPTH:
         raise InvalidRequest(f"{path}: chains and groups nest deeper than {MAX_DEPTH} levels")
     children = message.chain.steps if kind == "chain" else message.group.steps
@@ -72,15 +71,16 @@ def step_of(message: wpb.Step, path: str, limits: InputLimits, budget: _Budget, 
     return ChainStep(path, steps) if kind == "chain" else GroupStep(path, steps)
 
 
-def template_of(message: pb.TaskTemplate, path: str, limits: InputLimits) -> TaskStep:
-    """A task step (``path`` is the step's, ending in ``.task``)."""
+def template_of(message: pb.TaskTemplate, path: str, limits: InputLimits, *, step_path: str = "") -> TaskStep:
+    """A task step (``path``: the template's, ending in ``.task``; ``step_path``: the
+    step's, which the task step keeps)."""
     try:
-        return _template(message, limits)
+        return _template(message, limits, step_path)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{path}.{exc}") from None
 
 
-def _template(message: pb.TaskTemplate, limits: InputLimits) -> TaskStep:
+def _template(message: pb.TaskTemplate, limits: InputLimits, step_path: str) -> TaskStep:
     size = message.args.ByteSize() + message.kwargs.ByteSize()
     if size > limits.max_args_bytes:
         raise InvalidRequest(
@@ -100,7 +100,7 @@ def _template(message: pb.TaskTemplate, limits: InputLimits) -> TaskStep:
     if message.HasField("expire_after"):
         expire = control_convert.seconds_of("expire_after", message.expire_after, maximum=MAX_EXPIRE) or None
     return TaskStep(
-        path="",
+        path=step_path,
         task_name=_name("task_name", message.task_name, required=True),
         args=convert.from_list_value(message.args, limits.max_args_depth),
         kwargs=convert.from_struct(message.kwargs, limits.max_args_depth),

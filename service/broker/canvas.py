@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 from celery import Celery
+from celery.app.registry import TaskRegistry
 from celery.canvas import Signature, chain, group
 from celery.utils.nodenames import anon_nodename
 
@@ -77,11 +78,26 @@ class _Producer:
     connection = _Connection()
 
 
+class BuiltinTasks(TaskRegistry):
+    """A task registry that keeps only Celery's own tasks (``celery.*``).
+
+    Celery adds every shared task (``@app.task`` shares by default) to every app, so a
+    process that imported a task module would send its tasks through ``Task.apply_async``
+    (``ignore_result`` from the task, the task's own options, its signature checked) and the
+    rest through ``send_task``. The gateway sends tasks it does not run: always as
+    ``send_task`` does, whatever the process imported.
+    """
+
+    def __setitem__(self, name: str, task: Any) -> None:
+        if name.startswith("celery."):
+            super().__setitem__(name, task)
+
+
 class CanvasCapture:
     """Builds a workflow's Celery canvas and records what applying it sends."""
 
     def __init__(self, settings: CelerySettings) -> None:
-        app = Celery("taskgate-canvas", set_as_current=False)
+        app = Celery("taskgate-canvas", set_as_current=False, tasks=BuiltinTasks())  # type: ignore[arg-type]
         app.conf.update(common_conf(settings), task_publish_retry=False)
         self._app = app
         self._lock = threading.Lock()

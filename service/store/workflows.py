@@ -25,6 +25,8 @@ from service.store.tables import TERMINAL, JSONType, UTCDateTime, tasks
 
 #: The states a step that never ran may read (see ``cancel_stopped``).
 _STOPPABLE = (TaskState.WAITING.value, TaskState.FAILED.value)
+#: The states of a step that stop the steps after it.
+_STOPPERS = (TaskState.FAILED.value, TaskState.CANCELLED.value)
 
 workflows = sa.Table(
     "workflows",
@@ -53,6 +55,17 @@ def _record(row: Mapping[Any, Any]) -> WorkflowRecord:
     )
 
 
+def _changed_since(since: dt.datetime) -> sa.CompoundSelect[tuple[Any]]:
+    """The workflow ids of the steps changed at or after ``since``: one select per partial
+    index on ``update_time`` (unfinished tasks, finished tasks), so neither scans the table."""
+    changed = tasks.c.update_time >= since
+    linked = tasks.c.workflow_id.isnot(None)
+    return sa.union_all(
+        sa.select(tasks.c.workflow_id).where(changed, tasks.c.state.notin_(TERMINAL), linked),
+        sa.select(tasks.c.workflow_id).where(changed, tasks.c.state.in_(TERMINAL), linked),
+    )
+
+
 class WorkflowStore:
     """Reads and writes workflows and their steps."""
 
@@ -60,8 +73,11 @@ class WorkflowStore:
         self._engine = engine
         self._postgres = engine.dialect.name == "postgresql"
 
-    async def insert(self, workflow: WorkflowRecord, steps: Sequence[NewTask]) -> WorkflowRecord | None:
-        """Record a workflow and every step, all or nothing.
+    async def insert(
+        self, workflow: WorkflowRecord, steps: Sequence[NewTask], tree: dict[str, Any] | None = None
+    ) -> WorkflowRecord | None:
+        """Record a workflow and every step, all or nothing (``tree``: the root's
+        ``to_json``, when the caller has it already).
 
         Returns:
             None for a new workflow; the original for a request_id used before with the
@@ -78,7 +94,7 @@ class WorkflowStore:
                     return original
             try:
                 async with conn.begin_nested():
-                    await self._insert(conn, workflow, steps)
+                    await self._insert(conn, workflow, steps, tree or to_json(workflow.root))
             except sa.exc.IntegrityError:
                 original = await self._original(conn, workflow)
                 if original is None:
@@ -87,7 +103,7 @@ class WorkflowStore:
         return None
 
     async def _insert(
-        self, conn: AsyncConnection, workflow: WorkflowRecord, steps: Sequence[NewTask]
+        self, conn: AsyncConnection, workflow: WorkflowRecord, steps: Sequence[NewTask], tree: dict[str, Any]
     ) -> None:
         await conn.execute(
             workflows.insert().values(
@@ -95,7 +111,7 @@ class WorkflowStore:
                 caller=workflow.caller,
                 request_id=workflow.request_id or None,
                 fingerprint=workflow.fingerprint,
-                tree=to_json(workflow.root),
+                tree=tree,
                 state=workflow.state.value,
                 create_time=workflow.create_time,
             )
@@ -146,6 +162,32 @@ class WorkflowStore:
                 .order_by(workflows.c.create_time)
                 .limit(limit)
             )
+            return [_record(row) for row in (await conn.execute(query)).mappings()]
+
+    async def needing_attention(self, limit: int, since: dt.datetime | None = None) -> list[WorkflowRecord]:
+        """Up to ``limit`` unfinished workflows, oldest first, that the loop has something to
+        do for: a step ended FAILED or CANCELLED (its followers may have to be ended), a
+        WAITING step's cancel was asked, or no step is left unfinished. ``since``: only
+        those with a step changed at or after it (None: all).
+
+        The test runs in the database, over the steps' rows; only the workflows it finds
+        have their steps read (a pass over thousands of waiting steps reads none of them).
+        """
+        stopping = sa.exists().where(
+            tasks.c.workflow_id == workflows.c.workflow_id,
+            sa.or_(
+                tasks.c.state.in_(_STOPPERS),
+                sa.and_(tasks.c.state == TaskState.WAITING.value, tasks.c.cancel_requested),
+            ),
+        )
+        unfinished = sa.exists().where(
+            tasks.c.workflow_id == workflows.c.workflow_id, tasks.c.state.notin_(TERMINAL)
+        )
+        where = [workflows.c.state.notin_(TERMINAL), sa.or_(stopping, ~unfinished)]
+        if since is not None:
+            where.append(workflows.c.workflow_id.in_(_changed_since(since)))
+        query = sa.select(workflows).where(*where).order_by(workflows.c.create_time).limit(limit)
+        async with transaction(self._engine) as conn:
             return [_record(row) for row in (await conn.execute(query)).mappings()]
 
     async def cancel_stopped(self, errors: Mapping[str, TaskError], now: dt.datetime) -> int:

@@ -19,7 +19,7 @@ import redis
 from celery import Celery
 from celery.canvas import Signature, chain, group
 
-from service.broker.canvas import CanvasCapture
+from service.broker.canvas import BuiltinTasks, CanvasCapture
 from service.broker.publisher import RedisPublisher
 from service.domain.workflow import ChainStep, GroupStep, Step, TaskStep
 from service.results.chords import BackendWriter
@@ -315,7 +315,9 @@ async def test_same_as_celerys_canvas(
     case: str, how: str, private: tuple[CelerySettings, redis.Redis]
 ) -> None:
     settings, client = private
-    app = Celery("canvas-test", set_as_current=False)
+    # a producer that does not import the tasks (as the gateway): the demo tasks other tests
+    # imported would otherwise be sent through Task.apply_async, with the task's own options
+    app = Celery("canvas-test", set_as_current=False, tasks=BuiltinTasks())
     app.conf.update(common_conf(settings))
     # no result subscriptions (nothing on the wire; they would outlive the test's loop)
     app.backend.__dict__["on_task_call"] = lambda *_, **__: None
