@@ -176,7 +176,7 @@ class Workflows:
             workflow_id=str(uuid.uuid4()),
             caller=caller.name,
             request_id=request_id,
-            fingerprint=_fingerprint(root),
+            fingerprint=_fingerprint(root) if request_id else "",  # compared only on a repeat
             root=root,
             state=TaskState.QUEUED,
             create_time=now,
