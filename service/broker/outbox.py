@@ -61,8 +61,9 @@ class Outbox:
         self._drained = asyncio.Event()
         self._drained.set()
         #: published but not yet marked in the database; marked together, at most
-        #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile)
-        self._unmarked: list[str] = []
+        #: ``mark_interval`` seconds later (their lease keeps every relay off them meanwhile),
+        #: each with the moment the broker took it (its ``publish_time``)
+        self._unmarked: list[tuple[str, dt.datetime]] = []
         self._mark_interval = mark_interval
         #: seconds the fast path waits for company before publishing a small batch, when
         #: the previous publish was less than ``_BUSY`` ago (under load; never when idle)
@@ -202,15 +203,17 @@ class Outbox:
             metrics.publish_seconds.observe(time.perf_counter() - started)
         self._backoff = 0.0
         self._last_publish = asyncio.get_running_loop().time()
-        self._unmarked.extend(done)
+        published_at = dt.datetime.now(dt.UTC)
+        self._unmarked.extend((task_id, published_at) for task_id in done)
         if len(done) < len(deliveries):
             rest = [d.task_id for d in deliveries[len(done) :]]
             await self._store.retry_publish_at(rest, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
         return len(done)
 
     async def _mark(self) -> None:
-        """Clear the outbox mark of everything published so far (one UPDATE per batch)."""
+        """Clear the outbox mark of everything published so far (one UPDATE per batch); the
+        publish time written is when the broker took the batch's last task, not the mark's."""
         while self._unmarked:
             batch = self._unmarked[: self._batch_size]
-            await self._store.mark_published(batch, dt.datetime.now(dt.UTC))
+            await self._store.mark_published([task_id for task_id, _ in batch], batch[-1][1])
             del self._unmarked[: len(batch)]

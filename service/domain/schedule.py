@@ -22,6 +22,8 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,6 +254,23 @@ class Schedule:
         """This schedule with ``next_run_time`` set from ``now`` (None while paused)."""
         upcoming = None if self.paused else self.timing.next_after(now, self.anchor_time)
         return dataclasses.replace(self, next_run_time=upcoming)
+
+
+def firing_fingerprint(spec: TaskSpec) -> str:
+    """``spec.fingerprint()`` (the same digest) without ``dataclasses.asdict``'s deep copy
+    of the arguments: a firing round computes one per fired schedule."""
+    body: dict[str, Any] = {name: getattr(spec, name) for name in _SPEC_FIELDS}
+    for key in ("time_limit", "soft_time_limit"):
+        if body[key] is None:
+            del body[key]
+    for key in ("run_time", "expire_time"):
+        if body[key] is not None:
+            body[key] = body[key].isoformat()
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(TaskSpec) if f.name != "request_id")
 
 
 def request_id_of(schedule: Schedule, slot: dt.datetime) -> str:

@@ -6,6 +6,11 @@ decide the same schedule at the same time, and the one that comes second finds i
 longer due (``next_run_time`` advanced in the same commit). The fired task's request_id
 is derived from the schedule and the slot, and its insert is ``ON CONFLICT DO NOTHING``
 on ``(caller, request_id)``: even a slot decided twice yields one task.
+
+A slot may be decided ahead, up to a *lead* before it (``fire_due``'s ``horizon``): its task
+is recorded then, due at the slot, and published at the slot by the replica that decided
+it. Only a schedule with no other firing pending and no previous firing still running (or
+under ALLOW) is decided ahead; the others are decided when due, as before.
 """
 
 from __future__ import annotations
@@ -198,23 +203,38 @@ class ScheduleStore:
             await conn.execute(tasks.insert().values(insert_row(new)))
         return True
 
-    async def fire_due(self, now: dt.datetime, limit: int, decide: Decide) -> tuple[int, list[Delivery]]:
+    async def fire_due(
+        self, now: dt.datetime, limit: int, decide: Decide, horizon: dt.datetime | None = None
+    ) -> tuple[int, list[Delivery]]:
         """Claim up to ``limit`` due schedules, decide each, insert the tasks that fire and
         advance the schedules, all in one transaction.
 
+        Schedules due by ``horizon`` (after ``now``) are claimed too, when they may be
+        decided ahead: no firing of theirs is still ahead of ``now`` (``last_run_time``), and
+        their previous firing has finished or their policy is ALLOW.
+
         Returns:
             How many schedules were claimed, and the deliveries of the tasks inserted (to
-            hand to the outbox; the relay publishes them anyway if this process dies).
+            hand to the outbox at their ``run_time``; the relay publishes them anyway, a
+            lease after it, if this process dies).
         """
         previous = tasks.alias("previous")
+        due = schedules.c.next_run_time <= now
+        if horizon is not None and horizon > now:
+            ahead = sa.and_(
+                schedules.c.next_run_time <= horizon,
+                sa.or_(schedules.c.last_run_time.is_(None), schedules.c.last_run_time <= now),
+                sa.or_(
+                    schedules.c.overlap_policy == OverlapPolicy.ALLOW.value,
+                    previous.c.task_id.is_(None),
+                    previous.c.state.in_(TERMINAL),
+                ),
+            )
+            due = sa.or_(due, ahead)
         query = (
             sa.select(schedules, previous.c.state.label("previous_state"))
             .select_from(schedules.outerjoin(previous, previous.c.task_id == schedules.c.last_task_id))
-            .where(
-                schedules.c.paused.is_(False),
-                schedules.c.next_run_time.isnot(None),
-                schedules.c.next_run_time <= now,
-            )
+            .where(schedules.c.paused.is_(False), schedules.c.next_run_time.isnot(None), due)
             .order_by(schedules.c.next_run_time)
             .limit(limit)
             .with_for_update(skip_locked=True, of=schedules)
@@ -228,6 +248,22 @@ class ScheduleStore:
             inserted = await self._insert_tasks(conn, news)
             await self._advance(conn, firings, inserted)
         return len(rows), [new.delivery for new in news if new.task_id in inserted]
+
+    async def release(self, task_ids: Sequence[str]) -> None:
+        """Leave decided-ahead tasks to the outbox relay at their run time (this process will
+        not publish them: it is stopping); those published already are left alone."""
+        if not task_ids:
+            return
+        async with transaction(self._engine) as conn:
+            await conn.execute(
+                tasks.update()
+                .where(
+                    tasks.c.task_id.in_(sorted(task_ids)),
+                    tasks.c.publish_after.isnot(None),
+                    tasks.c.publish_time.is_(None),
+                )
+                .values(publish_after=tasks.c.run_time)
+            )
 
     async def _insert_tasks(self, conn: AsyncConnection, news: Sequence[NewTask]) -> set[str]:
         """Insert the fired tasks; a slot already fired (same request_id) is left alone."""
