@@ -39,7 +39,6 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from pamqp import commands as spec
 
 from service.broker.amqp_frames import (
     FramePublisher,
@@ -202,21 +201,22 @@ class AmqpPublisher:
                 async with asyncio.timeout(self._connect_timeout + self._confirm_timeout):
                     frames = await self._open()
                     await self._declare({delivery.queue or self._default_queue for delivery in deliveries})
-                    confirms = await self._send(frames, deliveries)
-                    results = await asyncio.gather(*confirms, return_exceptions=True)
+                    acked = await self._send(frames, deliveries)
             except _ERRORS as exc:
                 await self._reset()
                 log.warning("broker unreachable, %d task(s) left in the outbox: %r", len(deliveries), exc)
                 raise BrokerUnavailable("the broker is unreachable") from exc
         done: list[str] = []
-        for delivery, result in zip(deliveries, results, strict=True):
-            if not isinstance(result, spec.Basic.Ack):
+        for delivery, ok in zip(deliveries, acked, strict=True):
+            if not ok:
                 break
             done.append(delivery.task_id)
         if len(done) < len(deliveries):
             await self._reset()  # a channel that failed a confirm is not trusted again
         if not done:
-            log.warning("broker confirmed none of %d task(s): %r", len(deliveries), results[0])
+            log.warning(
+                "broker confirmed none of %d task(s) (nack, return or closed channel)", len(deliveries)
+            )
             raise BrokerUnavailable("the broker did not confirm the tasks")
         if len(done) < len(deliveries):
             log.warning(
@@ -224,10 +224,9 @@ class AmqpPublisher:
             )
         return done
 
-    async def _send(
-        self, frames: FramePublisher, deliveries: Sequence[Delivery]
-    ) -> list[asyncio.Future[Any]]:
-        """Write every message (one buffer per chunk); the futures resolve to the confirms."""
+    async def _send(self, frames: FramePublisher, deliveries: Sequence[Delivery]) -> list[bool]:
+        """Write every message (one buffer per chunk) and wait for the confirms: per message,
+        whether RabbitMQ acknowledged it."""
         now = dt.datetime.now(dt.UTC)
         messages: list[Outgoing] = []
         for start in range(0, len(deliveries), ENCODE_CHUNK):

@@ -19,14 +19,20 @@ worker.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
 from pamqp import encode
+
+log = logging.getLogger(__name__)
 
 #: Messages written as one buffer (one drain) between two awaits.
 CHUNK = 250
@@ -206,14 +212,78 @@ def publish_frames(
 Outgoing = tuple[str, bytes, MessageProperties]
 
 
+async def _outcome(future: asyncio.Future[None]) -> BaseException | None:
+    """Wait for a future of the channel's; its failure (the channel closed: aiormq sets
+    ``CancelledError`` too) is returned, not raised. Cancelling the caller still cancels."""
+    await asyncio.wait([future])
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+class _Batch:
+    """The outcome of one batch's messages, settled by the broker's confirms.
+
+    ``states[i]`` is ``PENDING`` until message ``i`` (delivery tag ``first + i``) is
+    acknowledged (``ACKED``), negatively acknowledged or returned (``FAILED``).
+    """
+
+    __slots__ = ("cursor", "done", "first", "states", "unsettled")
+
+    def __init__(self, first: int, size: int, done: asyncio.Future[None]) -> None:
+        self.first = first
+        self.states = bytearray(size)
+        self.unsettled = size
+        #: every message before ``cursor`` is settled (confirms mostly arrive in order)
+        self.cursor = 0
+        self.done = done
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.states) - 1
+
+    def settle(self, upto: int, state: int, *, multiple: bool) -> None:
+        """Settle delivery tag ``upto`` (and, when ``multiple``, every pending tag before it)."""
+        states = self.states
+        end = min(upto - self.first, len(states) - 1)
+        start = self.cursor if multiple else end
+        for index in range(start, end + 1):
+            if states[index] == PENDING:
+                states[index] = state
+                self.unsettled -= 1
+        while self.cursor < len(states) and states[self.cursor] != PENDING:
+            self.cursor += 1
+        if not self.unsettled and not self.done.done():
+            self.done.set_result(None)
+
+
+PENDING, ACKED, FAILED = 0, 1, 2
+
+
+class _Returned:
+    """Stands in ``channel.confirmations`` for a message: aiormq's handler of a returned
+    (unroutable) message calls ``set_exception`` on it, which marks the message FAILED."""
+
+    __slots__ = ("batch", "tag")
+
+    def __init__(self, batch: _Batch, tag: int) -> None:
+        self.batch, self.tag = batch, tag
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.batch.settle(self.tag, FAILED, multiple=False)
+
+
 class FramePublisher:
-    """Writes batches of messages on one aiormq channel in confirm mode."""
+    """Writes batches of messages on one aiormq channel in confirm mode and settles them
+    from the broker's confirms itself: one future per batch, not one per message (aiormq
+    resolves a future and schedules several callbacks per confirmed message)."""
 
     def __init__(self, channel: aiormq.Channel, id_prefix: str) -> None:
-        self._channel = channel
-        self._raw: Any = channel  # the bookkeeping attributes are not in aiormq's typed interface
+        self._raw: Any = cast(Any, channel)  # its bookkeeping is not in aiormq's typed interface
         self._id_prefix = id_prefix
         self._methods: dict[str, bytes] = {}
+        self._batches: collections.deque[_Batch] = collections.deque()
+        self._raw._on_confirm_frame = self._on_confirm_frame  # the channel's reader calls it per Ack/Nack
 
     def _method(self, routing_key: str) -> bytes:
         method = self._methods.get(routing_key)
@@ -221,45 +291,69 @@ class FramePublisher:
             method = self._methods[routing_key] = method_frame(self._raw.number, routing_key)
         return method
 
-    async def publish(self, messages: Sequence[Outgoing]) -> list[asyncio.Future[Any]]:
-        """Write ``(routing_key, body, properties)`` messages on the default exchange, mandatory.
+    async def publish(self, messages: Sequence[Outgoing]) -> list[bool]:
+        """Write ``(routing_key, body, properties)`` messages on the default exchange,
+        mandatory, and wait for the broker to settle every one.
 
         Returns:
-            One future per message, resolved with the broker's ``Basic.Ack`` / ``Basic.Nack``
-            (or failed with ``PublishError`` for a returned message, or the channel's error).
+            Per message: True when the broker acknowledged it; False when it was
+            negatively acknowledged, returned (unroutable), or not confirmed before the
+            channel closed.
+
+        Raises:
+            ConnectionError: the channel closed before the batch was written.
         """
+        if not messages:
+            return []
         raw = self._raw
-        futures: list[asyncio.Future[Any]] = []
         async with raw.lock:
+            batch = _Batch(raw.delivery_tag + 1, len(messages), raw.create_future())
+            self._batches.append(batch)
             number, size = raw.number, raw.max_content_size
+            confirmations, ids, prefix = raw.confirmations, raw.message_id_delivery_tag, self._id_prefix
             for start in range(0, len(messages), CHUNK):
                 frames: list[bytes] = []
                 for routing_key, body, properties in messages[start : start + CHUNK]:
-                    tag, future = self._register()
-                    encoded = properties.encode(f"{self._id_prefix}{tag}")
+                    raw.delivery_tag += 1
+                    tag: int = raw.delivery_tag
+                    message_id = f"{prefix}{tag}"
+                    confirmations[tag] = _Returned(batch, tag)
+                    ids[message_id] = tag
+                    encoded = properties.encode(message_id)
                     frames += publish_frames(number, self._method(routing_key), encoded, body, size)
-                    futures.append(future)
                 drained = raw.create_future()
                 await raw.write_queue.put(
                     ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
                 )
-                await drained
-        return futures
+                if (failure := await _outcome(drained)) is not None:
+                    self._forget(batch)
+                    raise ConnectionError(f"the channel closed: {failure!r}") from failure
+        try:
+            if (failure := await _outcome(batch.done)) is not None:
+                log.debug("channel closed with %d message(s) unconfirmed: %r", batch.unsettled, failure)
+        finally:
+            self._forget(batch)
+        return [state == ACKED for state in batch.states]
 
-    def _register(self) -> tuple[int, asyncio.Future[Any]]:
-        """The next delivery tag and its confirmation future (as ``basic_publish`` registers
-        them; the message id is the prefix and the tag)."""
-        raw = self._raw
-        raw.delivery_tag += 1
-        tag: int = raw.delivery_tag
-        message_id = f"{self._id_prefix}{tag}"
-        confirmation: asyncio.Future[Any] = raw.create_future()
-        raw.confirmations[tag] = confirmation
-        raw.message_id_delivery_tag[message_id] = tag
+    def _forget(self, batch: _Batch) -> None:
+        """Drop a settled (or abandoned) batch's bookkeeping from the channel."""
+        with contextlib.suppress(ValueError):
+            self._batches.remove(batch)
+        confirmations, ids, prefix = (
+            self._raw.confirmations,
+            self._raw.message_id_delivery_tag,
+            self._id_prefix,
+        )
+        for tag in range(batch.first, batch.last + 1):
+            confirmations.pop(tag, None)
+            ids.pop(f"{prefix}{tag}", None)
 
-        def forget(_: asyncio.Future[Any]) -> None:
-            if raw.message_id_delivery_tag.get(message_id) == tag:
-                raw.message_id_delivery_tag.pop(message_id)
-
-        confirmation.add_done_callback(forget)
-        return tag, confirmation
+    async def _on_confirm_frame(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        """``Basic.Ack`` / ``Basic.Nack`` from the broker: settle the tags it covers."""
+        state = ACKED if isinstance(frame, spec.Basic.Ack) else FAILED
+        tag, multiple = frame.delivery_tag, bool(getattr(frame, "multiple", False))
+        for batch in list(self._batches):
+            if batch.first > tag:
+                break
+            if batch.last >= tag or multiple:
+                batch.settle(tag, state, multiple=multiple)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import decimal
@@ -15,7 +16,16 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from service.broker.amqp import build_amqp, encoded_headers, task_headers
-from service.broker.amqp_frames import MessageProperties, encode_table, method_frame, publish_frames
+from service.broker.amqp_frames import (
+    ACKED,
+    FAILED,
+    MessageProperties,
+    _Batch,
+    _Returned,
+    encode_table,
+    method_frame,
+    publish_frames,
+)
 from service.domain.model import Delivery
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -108,3 +118,22 @@ def test_the_headers_are_celerys_protocol_v2() -> None:
     assert headers["timelimit"] == [30.0, None]
     assert headers["eta"] == (NOW + dt.timedelta(hours=1)).isoformat()
     assert headers["traceparent"] == "00-abc-def-01"
+
+
+async def test_a_batch_is_settled_by_multiple_and_single_confirms() -> None:
+    loop = asyncio.get_running_loop()
+    batch = _Batch(first=11, size=5, done=loop.create_future())
+    batch.settle(12, ACKED, multiple=True)  # tags 11 and 12
+    _Returned(batch, 13).set_exception(RuntimeError("returned"))  # unroutable, then acked
+    batch.settle(13, ACKED, multiple=False)
+    assert not batch.done.done()
+    batch.settle(15, FAILED, multiple=False)  # a nack out of order
+    batch.settle(15, ACKED, multiple=True)  # covers 14 only: 13 and 15 stay failed
+    assert batch.done.done()
+    assert list(batch.states) == [ACKED, ACKED, FAILED, ACKED, FAILED]
+
+
+async def test_a_multiple_confirm_beyond_the_batch_settles_all_of_it() -> None:
+    batch = _Batch(first=1, size=3, done=asyncio.get_running_loop().create_future())
+    batch.settle(40, ACKED, multiple=True)
+    assert batch.done.done() and list(batch.states) == [ACKED] * 3
