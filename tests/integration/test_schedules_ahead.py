@@ -1,0 +1,62 @@
+"""Deciding a slot ahead: the task is recorded before its slot (QUEUED, run_time = the slot)
+and held; at most one slot per schedule is pending; a pause and resume inside the lead keeps
+the decided slot and resumes after it; a stopping gateway leaves held tasks to the relay at
+their slot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import sqlalchemy as sa
+
+from service.app import Runtime
+from service.domain.schedule import TaskTemplate
+from service.store.schedules import ScheduleStore
+from service.store.tables import tasks
+from service.usecases.schedules import Draft, Schedules
+
+INTERVAL = dt.timedelta(seconds=30)
+
+
+async def test_a_slot_is_decided_ahead_held_and_released(runtime: Runtime) -> None:
+    engine = runtime.store.engine
+    schedules = Schedules(
+        ScheduleStore(engine), runtime.catalog, runtime.outbox, lead=dt.timedelta(seconds=60)
+    )
+    schedule_id = f"ahead-{uuid.uuid4().hex[:8]}"
+    created = await schedules.create(
+        Draft(schedule_id, interval=INTERVAL, task=TaskTemplate("demo.add", args=[1, 2]))
+    )
+    slot = created.next_run_time
+    assert slot is not None
+    try:
+        await schedules.step()
+        got = await schedules.get(schedule_id)
+        assert got.last_run_time == slot
+        assert got.next_run_time == slot + INTERVAL
+        assert schedules.held >= 1  # (other tests' schedules due within the lead are held too)
+        query = sa.select(tasks).where(tasks.c.task_id == got.last_task_id)
+        async with engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().one()
+        assert row["state"] == "QUEUED"
+        assert row["run_time"] == slot
+        assert row["create_time"] < slot
+        assert row["publish_time"] is None
+
+        await schedules.step()  # the following slot is due within the lead too: not decided yet
+        again = await schedules.get(schedule_id)
+        assert (again.next_run_time, again.last_task_id) == (slot + INTERVAL, got.last_task_id)
+
+        await schedules.set_paused(schedule_id, True)
+        resumed = await schedules.set_paused(schedule_id, False)
+        assert resumed.next_run_time is not None and resumed.next_run_time > slot, "the decided slot stands"
+
+        await schedules.release()
+        assert schedules.held == 0
+        async with engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().one()
+        assert row["publish_after"] == slot, "the relay publishes it at its slot"
+    finally:
+        await schedules.release()
+        await schedules.delete(schedule_id)
