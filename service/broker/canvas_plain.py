@@ -35,7 +35,7 @@ from service.domain.workflow import BackendWrite, ChainStep, GroupStep, Step, Ta
 
 #: Celery's ``argsrepr_maxsize`` and ``kwargsrepr_maxsize``.
 REPR_MAXSIZE = 1024
-_SCALARS = (int, float, bool, type(None))
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +186,20 @@ class _Builder:
         }
         headers.update(self._headers(task))
         embed = {"callbacks": None, "errbacks": None, "chain": chain or None, "chord": chord}
+        # the step's args and kwargs are shared, not copied: nothing changes them after this
         return Delivery(
             task_id=task.task_id,
             task_name=task.task_name,
-            args=list(task.args),
-            kwargs=dict(task.kwargs),
+            args=task.args,
+            kwargs=task.kwargs,
             run_time=self._now,
             queue=task.queue,
             priority=task.priority,
             expire_time=expire_time,
-            headers=dict(task.headers),
+            headers=task.headers,
             time_limit=task.time_limit,
             soft_time_limit=task.soft_time_limit,
-            message={"headers": headers, "body": [list(task.args), dict(task.kwargs), embed]},
+            message={"headers": headers, "body": [task.args, task.kwargs, embed]},
             trace_headers=self._trace or None,
         )
 
@@ -206,8 +207,10 @@ class _Builder:
 def args_repr(args: Sequence[Any], maxlevels: int) -> str:
     """Celery's ``argsrepr`` of ``args`` (sent as a tuple): ``saferepr``, or ``repr`` where
     the two agree (numbers, booleans and None, short of the size limit), which is faster."""
-    if all(type(value) in _SCALARS for value in args):
-        text = repr(tuple(args))
-        if len(text) < REPR_MAXSIZE:
-            return text
+    for value in args:
+        if type(value) not in _SCALARS:
+            return str(saferepr(tuple(args), REPR_MAXSIZE, maxlevels=maxlevels))
+    text = repr(tuple(args))
+    if len(text) < REPR_MAXSIZE:
+        return text
     return str(saferepr(tuple(args), REPR_MAXSIZE, maxlevels=maxlevels))
