@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +67,9 @@ WHERE schedules.schedule_id = t.key
 """
 #: Due schedules decided between two yields to the event loop.
 DECIDE_CHUNK = 100
+#: Specs and templates remembered parsed, by their JSON text: a round of claimed schedules
+#: parses only those it has not seen (a schedule's are the same every slot).
+PARSED_CACHE = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,37 @@ def schedule_of(row: RowMapping) -> Schedule:
         schedule_id=row["schedule_id"],
         timing=Timing.from_json(dict(row["spec"])),
         task=TaskTemplate.from_json(dict(row["template"])),
+        caller=row["caller"],
+        paused=row["paused"],
+        overlap_policy=OverlapPolicy(row["overlap_policy"]),
+        catchup_window=dt.timedelta(seconds=row["catchup_window"]),
+        next_run_time=row["next_run_time"],
+        last_run_time=row["last_run_time"],
+        last_task_id=row["last_task_id"] or "",
+        skipped_count=row["skipped_count"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        anchor_time=row["anchor_time"],
+    )
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE)
+def _timing_of(text: str) -> Timing:
+    return Timing.from_json(json.loads(text))
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE)
+def _template_of(text: str) -> TaskTemplate:
+    """The template of a ``template`` column's text (shared by equal texts: never mutated)."""
+    return TaskTemplate.from_json(json.loads(text))
+
+
+def _claimed_schedule(row: RowMapping) -> Schedule:
+    """The schedule of a claimed row (spec and template as JSON text, parsed once per text)."""
+    return Schedule(
+        schedule_id=row["schedule_id"],
+        timing=_timing_of(row["spec_text"]),
+        task=_template_of(row["template_text"]),
         caller=row["caller"],
         paused=row["paused"],
         overlap_policy=OverlapPolicy(row["overlap_policy"]),
@@ -231,8 +267,13 @@ class ScheduleStore:
                 ),
             )
             due = sa.or_(due, ahead)
+        parsed = ("spec", "template")
         query = (
-            sa.select(schedules, previous.c.state.label("previous_state"))
+            sa.select(
+                *(column for column in schedules.c if column.name not in parsed),
+                *(sa.cast(schedules.c[name], sa.Text).label(f"{name}_text") for name in parsed),
+                previous.c.state.label("previous_state"),
+            )
             .select_from(schedules.outerjoin(previous, previous.c.task_id == schedules.c.last_task_id))
             .where(schedules.c.paused.is_(False), schedules.c.next_run_time.isnot(None), due)
             .order_by(schedules.c.next_run_time)
@@ -326,7 +367,9 @@ async def _decide_all(
         if start:
             await asyncio.sleep(0)
         chunk = rows[start : start + DECIDE_CHUNK]
-        firings.extend((row, decide(schedule_of(row), _running(row["previous_state"]), now)) for row in chunk)
+        firings.extend(
+            (row, decide(_claimed_schedule(row), _running(row["previous_state"]), now)) for row in chunk
+        )
     return firings
 
 

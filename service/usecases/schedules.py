@@ -6,7 +6,7 @@ Every firing is an ordinary task (recorded, then published through the outbox) w
 schedule and the slot (``domain.schedule.request_id_of``): any number of replicas firing
 the same slot record one task.
 
-Slots are decided up to ``lead`` (``LEAD``) ahead: the task is recorded then (QUEUED, its
+Slots are decided up to ``lead`` (``LEAD``, 20 s) ahead: the task is recorded then (QUEUED, its
 ``run_time`` the slot) and held in memory until the slot, when it goes to the outbox's fast
 path. So the work at the slot is only the publish: thousands of schedules sharing a minute
 are published within a second of it instead of queueing behind each other's inserts.
@@ -14,12 +14,10 @@ are published within a second of it instead of queueing behind each other's inse
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.broker.outbox import Outbox
@@ -44,6 +42,7 @@ from service.runtime import tracing
 from service.runtime.schedule_tracing import firing_headers
 from service.store.rows import NewTask
 from service.store.schedules import Firing, ScheduleStore
+from service.usecases.schedule_hold import Hold
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,9 @@ WRITABLE = frozenset(
 )
 _TIMING = frozenset({"cron", "interval", "spec"})
 #: How far ahead of its slot a firing is decided and recorded (then published at the slot).
-LEAD = dt.timedelta(seconds=10)
+LEAD = dt.timedelta(seconds=20)
+#: Templates whose firing digest is remembered (see ``_fingerprint``).
+DIGESTS = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +98,10 @@ class Schedules:
         self._batch = batch
         self._poll = poll_interval
         self._lead = lead
-        #: decided-ahead deliveries by slot, each slot with the timer that publishes it
-        self._held: dict[dt.datetime, list[Delivery]] = {}
-        self._timers: dict[dt.datetime, asyncio.TimerHandle] = {}
+        self._hold = Hold(outbox.submit_many)
+        #: id(template) → (template, digest): the store hands out one template object per
+        #: distinct template, so a schedule's digest is computed once, not every slot
+        self._digests: dict[int, tuple[TaskTemplate, str]] = {}
 
     # --- CRUD ---------------------------------------------------------------------------
 
@@ -231,50 +233,23 @@ class Schedules:
         now = dt.datetime.now(dt.UTC)
         claimed, deliveries = await self._store.fire_due(now, self._batch, self._decide, now + self._lead)
         if deliveries:
-            self._hand_over(deliveries)
+            self._hold.hand_over(deliveries)
             log.info("schedules: %d task(s) fired, %d due schedule(s) claimed", len(deliveries), claimed)
         return 0.0 if claimed >= self._batch else self._poll
 
     @property
     def held(self) -> int:
         """Decided-ahead tasks waiting in this process for their slot."""
-        return sum(len(deliveries) for deliveries in self._held.values())
+        return len(self._hold)
 
     async def release(self) -> None:
         """Stop holding decided-ahead tasks: the outbox relay of any replica publishes them
         at their slot instead (call when the gateway stops; a crash leaves them to the relay
         a publish lease after their slot)."""
-        for timer in self._timers.values():
-            timer.cancel()
-        held = [delivery.task_id for deliveries in self._held.values() for delivery in deliveries]
-        self._timers.clear()
-        self._held.clear()
+        held = self._hold.take_all()
         await self._store.release(held)
         if held:
             log.info("schedules: %d decided-ahead task(s) left to the outbox relay", len(held))
-
-    def _hand_over(self, deliveries: Sequence[Delivery]) -> None:
-        """Submit what is due to the outbox; hold the rest until its slot."""
-        loop = asyncio.get_running_loop()
-        now = dt.datetime.now(dt.UTC)
-        ready = [delivery for delivery in deliveries if delivery.run_time <= now]
-        if ready:
-            self._outbox.submit_many(ready)
-        for delivery in deliveries:
-            slot = delivery.run_time
-            if slot <= now:
-                continue
-            if slot not in self._held:
-                self._held[slot] = []
-                delay = (slot - now).total_seconds()
-                self._timers[slot] = loop.call_later(delay, self._publish_slot, slot)
-            self._held[slot].append(delivery)
-
-    def _publish_slot(self, slot: dt.datetime) -> None:
-        self._timers.pop(slot, None)
-        deliveries = self._held.pop(slot, [])
-        if deliveries:
-            self._outbox.submit_many(deliveries)
 
     def _decide(self, schedule: Schedule, previous_running: bool, now: dt.datetime) -> Firing:
         assert schedule.next_run_time is not None
@@ -327,11 +302,25 @@ class Schedules:
             caller=schedule.caller,
             request_id=request_id,
             create_time=now,
-            fingerprint=firing_fingerprint(spec),
+            fingerprint=self._fingerprint(schedule.task, spec),
             publish_after=run_time + self._outbox.lease,
             held=False,
             schedule_id=schedule.schedule_id,
         )
+
+    def _fingerprint(self, template: TaskTemplate, spec: TaskSpec) -> str:
+        """The firing's request digest; remembered per template object when it does not
+        depend on the firing time (no ``expire_after``)."""
+        if template.expire_after is not None:
+            return firing_fingerprint(spec)
+        known = self._digests.get(id(template))
+        if known is not None and known[0] is template:  # the entry holds it: the id is not reused
+            return known[1]
+        if len(self._digests) >= DIGESTS:
+            self._digests.clear()
+        digest = firing_fingerprint(spec)
+        self._digests[id(template)] = (template, digest)
+        return digest
 
     # --- checks -------------------------------------------------------------------------
 

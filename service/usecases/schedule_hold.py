@@ -1,0 +1,57 @@
+"""Decided-ahead firings waiting in memory for their slot (``service.usecases.schedules``).
+
+The tasks are recorded already, with a publish lease past their slot; ``Hold`` hands each
+slot's deliveries to the outbox's fast path when the slot comes. Nothing here is durable:
+``take_all`` empties the hold for a stopping gateway, which leaves the tasks to the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable, Sequence
+
+from service.domain.model import Delivery
+
+
+class Hold:
+    """Deliveries by slot, each slot with the timer that submits it."""
+
+    def __init__(self, submit: Callable[[Sequence[Delivery]], None]) -> None:
+        self._submit = submit
+        self._held: dict[dt.datetime, list[Delivery]] = {}
+        self._timers: dict[dt.datetime, asyncio.TimerHandle] = {}
+
+    def __len__(self) -> int:
+        return sum(len(deliveries) for deliveries in self._held.values())
+
+    def hand_over(self, deliveries: Sequence[Delivery]) -> None:
+        """Submit the deliveries whose ``run_time`` has come; hold the rest until it comes."""
+        loop = asyncio.get_running_loop()
+        now = dt.datetime.now(dt.UTC)
+        ready = [delivery for delivery in deliveries if delivery.run_time <= now]
+        if ready:
+            self._submit(ready)
+        for delivery in deliveries:
+            slot = delivery.run_time
+            if slot <= now:
+                continue
+            if slot not in self._held:
+                self._held[slot] = []
+                self._timers[slot] = loop.call_later((slot - now).total_seconds(), self._due, slot)
+            self._held[slot].append(delivery)
+
+    def take_all(self) -> list[str]:
+        """Stop every timer and return the ids of everything held (the hold is then empty)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        ids = [delivery.task_id for deliveries in self._held.values() for delivery in deliveries]
+        self._timers.clear()
+        self._held.clear()
+        return ids
+
+    def _due(self, slot: dt.datetime) -> None:
+        self._timers.pop(slot, None)
+        deliveries = self._held.pop(slot, [])
+        if deliveries:
+            self._submit(deliveries)
