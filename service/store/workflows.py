@@ -156,6 +156,29 @@ class WorkflowStore:
             row = (await conn.execute(query)).mappings().first()
         return None if row is None else _record(row)
 
+    async def version(self, workflow_id: str) -> tuple[Any, ...] | None:
+        """A value that changes whenever the workflow's state or any step's row changes
+        (its state, progress, result, cancel mark: each moves the row's ``update_time``),
+        read without reading the steps; None where the database cannot tell (not
+        PostgreSQL: read the steps every time).
+
+        The sum of the steps' ``update_time`` changes with any one of them, whichever clock
+        (gateway) observed it; a late fill-in of a finished step (an earlier start, further
+        progress), which keeps its ``update_time``, shows with the next change.
+        """
+        if not self._postgres:
+            return None
+        state = sa.select(workflows.c.state).where(workflows.c.workflow_id == workflow_id).scalar_subquery()
+        query = sa.select(
+            state,
+            sa.func.count(),
+            sa.func.sum(sa.extract("epoch", tasks.c.update_time)),
+            sa.func.count().filter(tasks.c.cancel_requested),
+        ).where(tasks.c.workflow_id == workflow_id)
+        async with transaction(self._engine) as conn:
+            row = (await conn.execute(query)).one()
+        return tuple(row)
+
     async def steps(self, workflow_id: str) -> dict[str, TaskRecord]:
         """Every step's task record (with its cancel mark), by task id."""
         async with transaction(self._engine) as conn:

@@ -258,8 +258,12 @@ class Workflows:
     async def watch(
         self, workflow_id: str, caller: Caller = OPEN, *, lifetime: float | None = None
     ) -> AsyncGenerator[WorkflowView, None]:
-        """The workflow's snapshot, then one per change (read every ``WATCH_INTERVAL``
-        seconds), ending after a terminal state or ``lifetime`` seconds.
+        """The workflow's snapshot, then one per change, ending after a terminal state or
+        ``lifetime`` seconds.
+
+        Every ``WATCH_INTERVAL`` seconds the stream asks the database whether anything
+        changed (``WorkflowStore.version``: one aggregate over the steps' rows, none of them
+        read); only then does it read the steps.
 
         Raises:
             WorkflowNotFound: no such workflow, or ``caller`` may not read it.
@@ -268,6 +272,7 @@ class Workflows:
         record = await self._load(workflow_id, caller)
         loop = asyncio.get_running_loop()
         deadline = None if lifetime is None else loop.time() + lifetime
+        version = await self._store.version(workflow_id)  # before the read: no change missed
         last = await self._view(record)
         yield last
         while not last.state.terminal:
@@ -277,6 +282,9 @@ class Workflows:
                     "call StreamWorkflow again"
                 )
             await asyncio.sleep(WATCH_INTERVAL)
+            seen, version = version, await self._store.version(workflow_id)
+            if version is not None and version == seen:
+                continue
             if not record.state.terminal:
                 record = await self._load(workflow_id, caller)
             current = await self._view(record)
