@@ -171,7 +171,6 @@ class Workflows:
         sent = {delivery.task_id for delivery in captured.deliveries}
         if sent != entry_ids:  # pragma: no cover - Celery's canvas and ours disagree
             raise RuntimeError(f"canvas sends {sorted(sent)}, expected the entry steps {sorted(entry_ids)}")
-        tree = _stored_tree(root)
         record = WorkflowRecord(
             workflow_id=str(uuid.uuid4()),
             caller=caller.name,
@@ -184,7 +183,7 @@ class Workflows:
         news = self._rows(record, captured.deliveries, now)
         await self._outbox.room()
         await self._writer.write(captured.writes)  # before any entry step can be published
-        original = await self._store.insert(record, news, tree)
+        original = await self._store.insert(record, news)
         if original is not None:
             log.info("workflow_id=%s request_id=%s deduplicated", original.workflow_id, request_id)
             return Enqueued(original.workflow_id, original.task_ids, deduplicated=True)
@@ -427,9 +426,9 @@ def _with_ids(step: Step) -> Step:
     return GroupStep(step.path, children, group_id=str(uuid.uuid4()))
 
 
-# --- the tree as JSON: ``service.domain.workflow.to_json`` (stored without defaults) and
-# ``fingerprint``, at a tenth of their cost (no ``dataclasses.asdict`` deep copies);
-# tests/unit/test_workflow_canvas.py checks they agree ------------------------------------
+# --- the tree as JSON: ``service.domain.workflow.to_json`` and ``fingerprint`` at a tenth of
+# their cost (no ``dataclasses.asdict`` deep copies); tests/unit/test_workflow_canvas.py
+# checks they agree ---------------------------------------------------------------------
 
 _IDS = ("task_id", "group_id")
 
@@ -456,38 +455,6 @@ def _tree(step: Step, ids: bool = True) -> dict[str, Any]:
     if isinstance(step, ChainStep):
         return {"chain": children}
     return {"group": children, "group_id": step.group_id} if ids else {"group": children}
-
-
-#: A task step's fields at their defaults: left out of the stored tree (``from_json`` puts
-#: them back).
-_DEFAULTS: dict[str, Any] = {
-    "args": [],
-    "kwargs": {},
-    "queue": "",
-    "priority": None,
-    "headers": {},
-    "time_limit": None,
-    "soft_time_limit": None,
-    "expire_after": None,
-    "immutable": False,
-}
-
-
-def _stored_tree(step: Step) -> dict[str, Any]:
-    """The tree as the workflows table keeps it: ``to_json`` without the fields at their
-    defaults (a group of 1,000 tasks: a third of the bytes)."""
-    if isinstance(step, TaskStep):
-        body: dict[str, Any] = {"task_name": step.task_name}
-        for name, default in _DEFAULTS.items():
-            value = getattr(step, name)
-            if value != default:
-                body[name] = value
-        body["task_id"] = step.task_id
-        return {"task": body}
-    children = [_stored_tree(child) for child in step.steps]
-    if isinstance(step, ChainStep):
-        return {"chain": children}
-    return {"group": children, "group_id": step.group_id}
 
 
 def _without_ids(value: Any) -> Any:

@@ -13,7 +13,7 @@ from service.domain.workflow import ChainStep, GroupStep, TaskStep, WorkflowReco
 from service.store.rows import NewTask
 from service.store.tasks import TaskStore, tasks
 from service.store.workflows import WorkflowStore
-from service.usecases.workflows import _stored_tree, _with_ids
+from service.usecases.workflows import _with_ids
 
 
 def _workflow() -> WorkflowRecord:
@@ -54,7 +54,7 @@ async def _set(store: TaskStore, task_ids: list[str], state: TaskState) -> None:
 async def _inserted(store: TaskStore) -> tuple[WorkflowStore, WorkflowRecord]:
     flows = WorkflowStore(store.engine)
     workflow = _workflow()
-    assert await flows.insert(workflow, _rows(workflow), _stored_tree(workflow.root)) is None
+    assert await flows.insert(workflow, _rows(workflow)) is None
     return flows, workflow
 
 

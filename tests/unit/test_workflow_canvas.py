@@ -24,7 +24,8 @@ from service.domain.workflow import (
     from_json,
     to_json,
 )
-from service.usecases.workflows import _fingerprint, _stored_tree, _tree, _with_ids
+from service.store.workflows import stored_tree
+from service.usecases.workflows import _fingerprint, _tree, _with_ids
 from taskgate.worker.contract import CelerySettings
 
 TRACE = {
@@ -121,7 +122,7 @@ def test_fast_tree_and_fingerprint_are_the_domains() -> None:
     )
     assert _tree(root) == to_json(root)
     assert _fingerprint(root) == fingerprint(root)
-    stored = _stored_tree(root)
+    stored = stored_tree(root)
     assert to_json(from_json(stored)) == to_json(root)
     assert stored["chain"][1] == {"task": {"task_name": "demo.add", "queue": "q", "priority": 0,
         "soft_time_limit": 1.0, "immutable": True, "task_id": root.steps[1].task_id}}  # fmt: skip
