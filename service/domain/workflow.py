@@ -8,10 +8,10 @@ results, and the step after a group in a chain waits for all of them (a chord).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,15 +175,39 @@ def overall_state(records: list[TaskRecord]) -> TaskState:
 # --- JSON (the workflows table's tree) ---------------------------------------------------
 
 
+#: The keys ``fingerprint`` leaves out, wherever they are: the ids assigned per request.
+_IDS = ("task_id", "group_id")
+
+
 def to_json(step: Step) -> dict[str, Any]:
     """The tree as JSON (with every id)."""
+    return _tree(step, ids=True)
+
+
+def _tree(step: Step, ids: bool) -> dict[str, Any]:
+    """``to_json``; without ``ids``: what ``fingerprint`` digests. Written out field by field:
+    ``dataclasses.asdict``'s deep copies cost ten times as much on a workflow of 1,000 steps
+    (tests/unit/test_workflow_canvas.py checks it equals ``asdict``)."""
     if isinstance(step, TaskStep):
-        body = dataclasses.asdict(step)
-        body.pop("path")
+        body: dict[str, Any] = {
+            "task_name": step.task_name,
+            "args": step.args if ids else _without_ids(step.args),
+            "kwargs": step.kwargs if ids else _without_ids(step.kwargs),
+            "queue": step.queue,
+            "priority": step.priority,
+            "headers": step.headers if ids else _without_ids(step.headers),
+            "time_limit": step.time_limit,
+            "soft_time_limit": step.soft_time_limit,
+            "expire_after": step.expire_after,
+            "immutable": step.immutable,
+        }
+        if ids:
+            body["task_id"] = step.task_id
         return {"task": body}
+    children = [_tree(child, ids) for child in step.steps]
     if isinstance(step, ChainStep):
-        return {"chain": [to_json(child) for child in step.steps]}
-    return {"group": [to_json(child) for child in step.steps], "group_id": step.group_id}
+        return {"chain": children}
+    return {"group": children, "group_id": step.group_id} if ids else {"group": children}
 
 
 def from_json(value: dict[str, Any], path: str = "root") -> Step:
@@ -199,16 +223,39 @@ def from_json(value: dict[str, Any], path: str = "root") -> Step:
 
 def fingerprint(step: Step) -> str:
     """A digest of the workflow as asked for (ids left out): equal requests, equal digests."""
-    text = json.dumps(_without_ids(to_json(step)), sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(_tree(step, ids=False), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _without_ids(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_ids(v) for k, v in value.items() if k not in ("task_id", "group_id")}
+        return {k: _without_ids(v) for k, v in value.items() if k not in _IDS}
     if isinstance(value, list):
         return [_without_ids(v) for v in value]
     return value
+
+
+def with_ids(step: Step) -> Step:
+    """``step`` with a fresh task id on every task and group id on every group."""
+    if isinstance(step, TaskStep):
+        return TaskStep(  # the constructor: a third of dataclasses.replace's cost
+            step.path,
+            step.task_name,
+            step.args,
+            step.kwargs,
+            step.queue,
+            step.priority,
+            step.headers,
+            step.time_limit,
+            step.soft_time_limit,
+            step.expire_after,
+            step.immutable,
+            str(uuid.uuid4()),
+        )
+    children = tuple(with_ids(child) for child in step.steps)
+    if isinstance(step, ChainStep):
+        return ChainStep(step.path, children)
+    return GroupStep(step.path, children, group_id=str(uuid.uuid4()))
 
 
 @dataclass(frozen=True, slots=True)

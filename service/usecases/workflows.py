@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from service.broker.outbox import Outbox
 from service.domain.callers import OPEN, Caller
@@ -40,17 +38,17 @@ from service.domain.model import Delivery, TaskError, TaskRecord, TaskState
 from service.domain.workflow import (
     MAX_DEPTH,
     BackendWrite,
-    ChainStep,
-    GroupStep,
     Step,
     TaskStep,
     WorkflowRecord,
     blocked,
     depth_of,
     entries,
+    fingerprint,
     overall_state,
     receivers,
     tasks_of,
+    with_ids,
 )
 from service.runtime import tracing
 from service.store.rows import NewTask
@@ -66,8 +64,7 @@ LOOP_INTERVAL = 0.5
 #: Seconds between two passes of the loop over every unfinished workflow; the passes in
 #: between look only at workflows with a step changed since the previous pass.
 SWEEP_INTERVAL = 30.0
-#: Seconds a pass looks back past the previous one (a step's ``update_time`` may come from
-#: another gateway's clock).
+#: Seconds a pass looks back past the previous one (steps' times come from other clocks too).
 LOOK_BACK = 10.0
 #: Unfinished workflows looked at per pass.
 LOOP_BATCH = 200
@@ -162,7 +159,7 @@ class Workflows:
         """
         self._check(root, caller)
         now = dt.datetime.now(dt.UTC)
-        root = _with_ids(root)
+        root = with_ids(root)
         trace = tracing.trace_headers()
         captured = self._canvas.build(root, now, trace)
         if captured is None:
@@ -175,7 +172,7 @@ class Workflows:
             workflow_id=str(uuid.uuid4()),
             caller=caller.name,
             request_id=request_id,
-            fingerprint=_fingerprint(root) if request_id else "",  # compared only on a repeat
+            fingerprint=fingerprint(root) if request_id else "",  # compared only on a repeat
             root=root,
             state=TaskState.QUEUED,
             create_time=now,
@@ -401,71 +398,3 @@ def _waiting_delivery(task: TaskStep, now: dt.datetime) -> Delivery:
         time_limit=task.time_limit,
         soft_time_limit=task.soft_time_limit,
     )
-
-
-def _with_ids(step: Step) -> Step:
-    """``step`` with a fresh task id on every task and group id on every group."""
-    if isinstance(step, TaskStep):
-        return TaskStep(  # the constructor: a third of dataclasses.replace's cost
-            step.path,
-            step.task_name,
-            step.args,
-            step.kwargs,
-            step.queue,
-            step.priority,
-            step.headers,
-            step.time_limit,
-            step.soft_time_limit,
-            step.expire_after,
-            step.immutable,
-            str(uuid.uuid4()),
-        )
-    children = tuple(_with_ids(child) for child in step.steps)
-    if isinstance(step, ChainStep):
-        return ChainStep(step.path, children)
-    return GroupStep(step.path, children, group_id=str(uuid.uuid4()))
-
-
-# --- the tree as JSON: ``service.domain.workflow.to_json`` and ``fingerprint`` at a tenth of
-# their cost (no ``dataclasses.asdict`` deep copies); tests/unit/test_workflow_canvas.py
-# checks they agree ---------------------------------------------------------------------
-
-_IDS = ("task_id", "group_id")
-
-
-def _tree(step: Step, ids: bool = True) -> dict[str, Any]:
-    """``to_json(step)``; without ``ids``: what ``fingerprint`` digests."""
-    if isinstance(step, TaskStep):
-        body: dict[str, Any] = {
-            "task_name": step.task_name,
-            "args": step.args if ids else _without_ids(step.args),
-            "kwargs": step.kwargs if ids else _without_ids(step.kwargs),
-            "queue": step.queue,
-            "priority": step.priority,
-            "headers": step.headers if ids else _without_ids(step.headers),
-            "time_limit": step.time_limit,
-            "soft_time_limit": step.soft_time_limit,
-            "expire_after": step.expire_after,
-            "immutable": step.immutable,
-        }
-        if ids:
-            body["task_id"] = step.task_id
-        return {"task": body}
-    children = [_tree(child, ids) for child in step.steps]
-    if isinstance(step, ChainStep):
-        return {"chain": children}
-    return {"group": children, "group_id": step.group_id} if ids else {"group": children}
-
-
-def _without_ids(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_ids(v) for k, v in value.items() if k not in _IDS}
-    if isinstance(value, list):
-        return [_without_ids(v) for v in value]
-    return value
-
-
-def _fingerprint(step: Step) -> str:
-    """``fingerprint(step)``: a digest of the workflow as asked for (ids left out)."""
-    text = json.dumps(_tree(step, ids=False), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()

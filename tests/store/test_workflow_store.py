@@ -9,17 +9,24 @@ import uuid
 import sqlalchemy as sa
 
 from service.domain.model import Delivery, TaskState
-from service.domain.workflow import ChainStep, GroupStep, TaskStep, WorkflowRecord, tasks_of, to_json
+from service.domain.workflow import (
+    ChainStep,
+    GroupStep,
+    TaskStep,
+    WorkflowRecord,
+    tasks_of,
+    to_json,
+    with_ids,
+)
 from service.store.rows import NewTask
 from service.store.tasks import TaskStore, tasks
 from service.store.workflows import WorkflowStore
-from service.usecases.workflows import _with_ids
 
 
 def _workflow() -> WorkflowRecord:
     """A chord (two members, then a body) with fresh ids."""
     members = tuple(TaskStep(path=f"g{i}", task_name="demo.add", args=[i, i]) for i in range(2))
-    root = _with_ids(ChainStep("root", (GroupStep("g", members), TaskStep(path="b", task_name="demo.sum"))))
+    root = with_ids(ChainStep("root", (GroupStep("g", members), TaskStep(path="b", task_name="demo.sum"))))
     now = dt.datetime.now(dt.UTC)
     return WorkflowRecord(str(uuid.uuid4()), "tester", "", "", root, TaskState.QUEUED, now)
 

@@ -1,13 +1,15 @@
 """A workflow's messages and tree, without infrastructure: the hand-built messages of the
 plain shapes agree with Celery's canvas (the integration test ``test_workflow_wire.py``
 compares both with what Celery itself stores), every entry message and every embedded
-signature carries the caller's trace context, and the use case's fast tree JSON and
-fingerprint are the domain's."""
+signature carries the caller's trace context, and the domain's tree JSON (written out field
+by field) and fingerprint equal what ``dataclasses.asdict`` gives."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -23,9 +25,9 @@ from service.domain.workflow import (
     fingerprint,
     from_json,
     to_json,
+    with_ids,
 )
 from service.store.workflows import stored_tree
-from service.usecases.workflows import _fingerprint, _tree, _with_ids
 from taskgate.worker.contract import CelerySettings
 
 TRACE = {
@@ -66,7 +68,7 @@ def _normal(value: Any) -> Any:
 
 @pytest.mark.parametrize("shape", ["group", "chain", "chord"])
 def test_hand_built_is_celerys_canvas_with_the_trace(canvas: CanvasCapture, shape: str) -> None:
-    root, now = _with_ids(SHAPES[shape]), dt.datetime.now(dt.UTC)
+    root, now = with_ids(SHAPES[shape]), dt.datetime.now(dt.UTC)
     built = canvas.build(root, now, TRACE)
     captured = canvas.capture(root, now, TRACE)
     assert built is not None
@@ -81,7 +83,7 @@ def test_hand_built_is_celerys_canvas_with_the_trace(canvas: CanvasCapture, shap
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_step_carries_the_trace(canvas: CanvasCapture, shape: str) -> None:
-    root, now = _with_ids(SHAPES[shape]), dt.datetime.now(dt.UTC)
+    root, now = with_ids(SHAPES[shape]), dt.datetime.now(dt.UTC)
     captured = canvas.build(root, now, TRACE) or canvas.capture(root, now, TRACE)
     assert captured.deliveries
     for delivery in captured.deliveries:
@@ -96,7 +98,7 @@ def test_every_step_carries_the_trace(canvas: CanvasCapture, shape: str) -> None
 
 
 def test_no_trace_no_trace_headers(canvas: CanvasCapture) -> None:
-    built = canvas.build(_with_ids(SHAPES["chain"]), dt.datetime.now(dt.UTC))
+    built = canvas.build(with_ids(SHAPES["chain"]), dt.datetime.now(dt.UTC))
     assert built is not None
     (delivery,) = built.deliveries
     assert delivery.message is not None and "traceparent" not in delivery.message["headers"]
@@ -104,8 +106,28 @@ def test_no_trace_no_trace_headers(canvas: CanvasCapture) -> None:
     assert "headers" not in delivery.message["body"][2]["chain"][1]["options"]  # step b has none
 
 
-def test_fast_tree_and_fingerprint_are_the_domains() -> None:
-    root = _with_ids(
+def _asdict_tree(step: Step) -> dict[str, Any]:
+    """The tree as ``dataclasses.asdict`` writes it (what ``to_json`` spells out by hand)."""
+    if isinstance(step, TaskStep):
+        body = dataclasses.asdict(step)
+        body.pop("path")
+        return {"task": body}
+    if isinstance(step, ChainStep):
+        return {"chain": [_asdict_tree(child) for child in step.steps]}
+    assert isinstance(step, GroupStep)
+    return {"group": [_asdict_tree(child) for child in step.steps], "group_id": step.group_id}
+
+
+def _without_ids(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_ids(v) for k, v in value.items() if k not in ("task_id", "group_id")}
+    if isinstance(value, list):
+        return [_without_ids(v) for v in value]
+    return value
+
+
+def test_the_tree_and_fingerprint_are_asdicts() -> None:
+    root = with_ids(
         ChainStep(
             "root",
             (
@@ -120,10 +142,18 @@ def test_fast_tree_and_fingerprint_are_the_domains() -> None:
             ),
         )
     )
-    assert _tree(root) == to_json(root)
-    assert _fingerprint(root) == fingerprint(root)
+    assert to_json(root) == _asdict_tree(root)
+    assert (
+        fingerprint(root)
+        == hashlib.sha256(
+            json.dumps(
+                _without_ids(_asdict_tree(root)), sort_keys=True, separators=(",", ":"), default=str
+            ).encode()
+        ).hexdigest()
+    )
     stored = stored_tree(root)
     assert to_json(from_json(stored)) == to_json(root)
+    assert isinstance(root, ChainStep) and isinstance(root.steps[1], TaskStep)
     assert stored["chain"][1] == {"task": {"task_name": "demo.add", "queue": "q", "priority": 0,
         "soft_time_limit": 1.0, "immutable": True, "task_id": root.steps[1].task_id}}  # fmt: skip
 
