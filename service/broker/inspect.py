@@ -23,10 +23,11 @@ each chunk decoded off the event loop. A broker holding more than the budget ans
 a message; ``<p>unacked_index`` (a sorted set: delivery_tag -> when it was taken) says when.
 ``taken`` reads the entries taken before a time; ``holders`` asks the live workers (Celery's
 ``query_task`` broadcast, one per question) which of those tasks they hold (reserved,
-scheduled or active); ``restore`` puts one message back at the head of its queue and
-removes it from the hash and the index in one Lua script, only if the entry is still the
-one read (compare-and-move: a message acked or restored meanwhile is left alone), setting
-``redelivered`` as kombu's ``restore_by_tag`` does.
+scheduled or active; ``answers`` says it per worker, naming those that hold none of them);
+``restore`` puts one message back at the head of its queue and removes it from the hash and
+the index in one Lua script, only if the entry is still the one read (compare-and-move: a
+message acked or restored meanwhile is left alone), setting ``redelivered`` as kombu's
+``restore_by_tag`` does.
 """
 
 from __future__ import annotations
@@ -281,19 +282,36 @@ class BrokerInspector:
         Raises:
             BrokerUnavailable: the broker is unreachable.
         """
+        answers = await self.answers(task_ids)
+        if answers is None:
+            return None
+        return {task_id for held in answers.values() for task_id in held}
+
+    async def answers(self, task_ids: Collection[str]) -> dict[str, set[str]] | None:
+        """What each live worker answering Celery's ``query_task`` within
+        ``HOLDERS_TIMEOUT`` holds of ``task_ids`` (reserved, scheduled or active), by node
+        name; a worker that answered and holds none of them maps to an empty set. None when
+        this inspector cannot ask (no Celery app).
+
+        Raises:
+            BrokerUnavailable: the broker is unreachable.
+        """
         if self._app is None:
             return None
         if not task_ids:
-            return set()
+            return {}
         return await asyncio.to_thread(self._query, sorted(task_ids))
 
-    def _query(self, task_ids: list[str]) -> set[str]:
+    def _query(self, task_ids: list[str]) -> dict[str, set[str]]:
         assert self._app is not None
         try:
             replies = self._app.control.inspect(timeout=HOLDERS_TIMEOUT).query_task(*task_ids) or {}
         except (OSError, ConnectionError, RedisError) as exc:
             raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
-        return {str(task_id) for held in replies.values() if isinstance(held, dict) for task_id in held}
+        return {
+            str(node): {str(task_id) for task_id in held} if isinstance(held, dict) else set()
+            for node, held in replies.items()
+        }
 
     async def restore(self, taken: Taken, queue: str) -> bool:
         """Push ``taken``'s message back at the head of ``queue`` (empty: the default

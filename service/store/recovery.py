@@ -35,11 +35,30 @@ class LostCandidate:
     queue: str
 
 
+@dataclass(frozen=True, slots=True)
+class StaleRun:
+    """A RUNNING task nothing was heard of for a while: its id, name, queue, the worker
+    that started it and its attempt (``retries``, as its run claim is keyed)."""
+
+    task_id: str
+    task_name: str
+    queue: str
+    worker: str
+    retries: int
+
+
 def _in_order(task_ids: list[str]) -> sa.ColumnElement[bool]:
     """``task_id`` is one of ``task_ids``, the rows locked in task_id order (as every other
     multi-row UPDATE of the store locks them: no deadlock with the recorder's)."""
     locked = sa.select(tasks.c.task_id).where(tasks.c.task_id.in_(task_ids)).order_by(tasks.c.task_id)
     return tasks.c.task_id.in_(locked.with_for_update())
+
+
+def _not_updated_since(updated_before: dt.datetime | None) -> sa.ColumnElement[bool]:
+    """The row was last updated before ``updated_before`` (None: no condition)."""
+    if updated_before is None:
+        return sa.true()
+    return tasks.c.update_time <= updated_before
 
 
 class RecoveryStore:
@@ -106,15 +125,23 @@ class RecoveryStore:
         async with self._begin() as conn:
             return [LostCandidate(*row) for row in (await conn.execute(query)).all()]
 
-    async def requeue(self, task_ids: Iterable[str], worker: str, now: dt.datetime) -> int:
-        """Put tasks still RUNNING on ``worker`` back in the outbox, QUEUED with a fresh
-        publish mark (due now) and no worker or start; returns how many."""
+    async def requeue(
+        self,
+        task_ids: Iterable[str],
+        worker: str,
+        now: dt.datetime,
+        updated_before: dt.datetime | None = None,
+    ) -> int:
+        """Put tasks still RUNNING on ``worker`` (and, with ``updated_before``, not updated
+        since) back in the outbox, QUEUED with a fresh publish mark (due now) and no worker
+        or start; returns how many."""
         ids = list(task_ids)
         if not ids:
             return 0
         statement = (
             tasks.update()
             .where(_in_order(ids), tasks.c.state == _RUNNING, tasks.c.worker == worker)
+            .where(_not_updated_since(updated_before))
             .values(
                 state=TaskState.QUEUED.value,
                 update_time=now,
@@ -127,9 +154,17 @@ class RecoveryStore:
         async with self._begin() as conn:
             return int((await conn.execute(statement)).rowcount)
 
-    async def fail(self, task_ids: Iterable[str], worker: str, error: TaskError, now: dt.datetime) -> int:
-        """End tasks still RUNNING on ``worker`` FAILED with ``error`` (by the transition
-        rule, as a worker's FAILURE would); returns how many."""
+    async def fail(
+        self,
+        task_ids: Iterable[str],
+        worker: str,
+        error: TaskError,
+        now: dt.datetime,
+        updated_before: dt.datetime | None = None,
+    ) -> int:
+        """End tasks still RUNNING on ``worker`` (and, with ``updated_before``, not updated
+        since) FAILED with ``error`` (by the transition rule, as a worker's FAILURE would);
+        returns how many."""
         changed = 0
         async with self._begin() as conn:
             for task_id in sorted(task_ids):
@@ -137,7 +172,39 @@ class RecoveryStore:
                 statement = (
                     tasks.update()
                     .where(tasks.c.task_id == task_id, tasks.c.worker == worker, tasks.c.state == _RUNNING)
-                    .where(not_terminal())
+                    .where(not_terminal(), _not_updated_since(updated_before))
+                    .values(update_values(update))
+                )
+                changed += int((await conn.execute(statement)).rowcount)
+        return changed
+
+    async def stale_running(self, updated_before: dt.datetime, limit: int) -> list[StaleRun]:
+        """Up to ``limit`` RUNNING tasks that name their worker and were last updated before
+        ``updated_before``, the longest silent first (adopted tasks left out, as in
+        ``running_on``)."""
+        query = (
+            sa.select(tasks.c.task_id, tasks.c.task_name, tasks.c.queue, tasks.c.worker, tasks.c.retries)
+            .where(
+                tasks.c.state == _RUNNING,
+                tasks.c.worker.isnot(None),
+                tasks.c.update_time <= updated_before,
+                sa.not_(tasks.c.adopted),
+            )
+            .order_by(tasks.c.update_time, tasks.c.task_id)
+            .limit(limit)
+        )
+        async with self._begin() as conn:
+            return [StaleRun(*row) for row in (await conn.execute(query)).all()]
+
+    async def settle(self, updates: Iterable[TaskUpdate]) -> int:
+        """Apply worker updates (stored result documents) to their unfinished tasks, by the
+        transition rule; returns how many rows changed."""
+        changed = 0
+        async with self._begin() as conn:
+            for update in sorted(updates, key=lambda update: update.task_id):
+                statement = (
+                    tasks.update()
+                    .where(tasks.c.task_id == update.task_id, not_terminal())
                     .values(update_values(update))
                 )
                 changed += int((await conn.execute(statement)).rowcount)

@@ -31,22 +31,36 @@ holds (Celery's ``query_task`` broadcast: reserved, scheduled or active), on two
 consecutive passes, has its message moved back to the head of its queue (compare-and-move,
 atomic; see ``service.broker.inspect``). A live worker that did not answer in time keeps its
 copy: the task is then delivered twice and the run-once guard lets only one delivery run.
+A lost message is not republished while a live worker says it holds the task (its STARTED
+went with Redis: it runs, and would run twice).
+
+**Runs no live worker holds** (Redis broker only). A task RUNNING on a worker whose
+heartbeat is fine, with no update for ``lost_after`` seconds, that its worker answers
+``query_task`` about without holding it (and no other worker holds), on two consecutive
+passes, with the state feed read and acknowledged up to the first of them: its run ended
+and the gateway missed how (Redis restarted empty between the write and the read, or the
+worker restarted under the same name). A result document in Redis (final, or RETRY) is
+the truth and is applied; a run claim marked ``done`` without one means the run ended in an
+unknown way and nothing is decided; otherwise the task is re-run (opted in) or ends FAILED
+``WorkerLost``, as above. A worker that does not answer decides nothing: a long run on a
+live worker is never touched.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from service.domain.catalog import Catalog
-from service.domain.model import TaskError
-from service.store.recovery import LostCandidate
+from service.domain.model import TaskError, TaskState, TaskUpdate
+from service.store.recovery import LostCandidate, StaleRun
 
 if TYPE_CHECKING:
     from service.broker.inspect import Taken
+    from service.results.recovery import StoredResult, StreamId
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +77,23 @@ class RecoveryStorePort(Protocol):
     async def saw_heartbeats(self, hostnames: Collection[str], now: dt.datetime) -> None: ...
     async def watched(self, hostnames: Collection[str]) -> set[str]: ...
     async def running_on(self, worker: str, limit: int) -> list[LostCandidate]: ...
-    async def requeue(self, task_ids: Iterable[str], worker: str, now: dt.datetime) -> int: ...
-    async def fail(self, task_ids: Iterable[str], worker: str, error: TaskError, now: dt.datetime) -> int: ...
+    async def requeue(
+        self,
+        task_ids: Iterable[str],
+        worker: str,
+        now: dt.datetime,
+        updated_before: dt.datetime | None = None,
+    ) -> int: ...
+    async def fail(
+        self,
+        task_ids: Iterable[str],
+        worker: str,
+        error: TaskError,
+        now: dt.datetime,
+        updated_before: dt.datetime | None = None,
+    ) -> int: ...
+    async def stale_running(self, updated_before: dt.datetime, limit: int) -> list[StaleRun]: ...
+    async def settle(self, updates: Iterable[TaskUpdate]) -> int: ...
     async def waiting(self, published_before: dt.datetime, limit: int) -> list[LostCandidate]: ...
     async def republish(
         self, task_ids: Iterable[str], published_before: dt.datetime, now: dt.datetime
@@ -80,6 +109,12 @@ class ResultKeysPort(Protocol):
     async def announce_failed(
         self, task_ids: Collection[str], error: TaskError, now: dt.datetime
     ) -> None: ...
+    async def results(self, task_ids: Collection[str]) -> dict[str, StoredResult]: ...
+    async def republish(self, stored: Iterable[StoredResult]) -> None: ...
+    async def finished_claims(self, runs: Mapping[str, int]) -> set[str]: ...
+    async def forget_runs(self, runs: Mapping[str, int]) -> None: ...
+    async def feed_mark(self) -> StreamId | None: ...
+    async def feed_settled(self, mark: StreamId | None) -> bool: ...
     async def aclose(self) -> None: ...
 
 
@@ -89,6 +124,7 @@ class BrokerPort(Protocol):
     async def held(self, queues: Iterable[str], wanted: Collection[str]) -> set[str] | None: ...
     async def taken(self, wanted: Collection[str], before: float) -> dict[str, Taken] | None: ...
     async def holders(self, task_ids: Collection[str]) -> set[str] | None: ...
+    async def answers(self, task_ids: Collection[str]) -> dict[str, set[str]] | None: ...
     async def restore(self, taken: Taken, queue: str) -> bool: ...
     async def aclose(self) -> None: ...
 
@@ -125,6 +161,12 @@ class Recovery:
         self._suspects: set[str] = set()
         #: tasks taken from the broker long ago that no live worker held on the last pass
         self._orphans: set[str] = set()
+        #: RUNNING tasks their live worker did not hold on the last pass, and the state
+        #: feed's latest entry when it was asked
+        self._unheld: set[str] = set()
+        self._mark: StreamId | None = None
+        #: runs that ended (claim done) with no result found, already logged
+        self._unknown: set[str] = set()
         if broker is None:
             log.info("recovery: the broker is not Redis; tasks lost by the broker are not looked for")
 
@@ -133,6 +175,7 @@ class Recovery:
         await self.lost_workers(dt.datetime.now(dt.UTC))
         if self._broker is not None:
             await self.lost_messages(dt.datetime.now(dt.UTC))
+            await self.lost_runs(dt.datetime.now(dt.UTC))
         return self._settings.interval
 
     async def lost_workers(self, now: dt.datetime) -> list[str]:
@@ -190,6 +233,14 @@ class Recovery:
         missing = ids - held
         confirmed = sorted(missing & self._suspects)
         self._suspects = missing - set(confirmed)
+        running = await self._broker.holders(confirmed) if confirmed else None
+        if running:
+            log.warning(
+                "recovery: %d task(s) the broker lost are running on a live worker; not republished: %s",
+                len(running),
+                " ".join(sorted(running)),
+            )
+            confirmed = [task_id for task_id in confirmed if task_id not in running]
         if confirmed:
             count = await self._store.republish(confirmed, cutoff, now)
             log.warning(
@@ -222,6 +273,87 @@ class Recovery:
                 " ".join(restored),
             )
         return restored
+
+    async def lost_runs(self, now: dt.datetime) -> list[str]:
+        """Settle the RUNNING tasks of live workers that no worker holds any more (see the
+        module docstring); returns the ids re-run or failed."""
+        assert self._broker is not None
+        settled = bool(self._unheld) and await self._results.feed_settled(self._mark)
+        cutoff = now - dt.timedelta(seconds=self._settings.lost_after)
+        stale = await self._store.stale_running(cutoff, PASS_LIMIT)
+        alive = await self._results.alive({run.worker for run in stale}) if stale else set()
+        runs = {run.task_id: run for run in stale if run.worker in alive}
+        answers = await self._broker.answers(runs) if runs else None
+        if answers is None:
+            self._unheld = set()
+            return []
+        held = set().union(*answers.values())
+        unheld = {task_id for task_id, run in runs.items() if run.worker in answers and task_id not in held}
+        unheld -= await self._settle(unheld)
+        unheld -= self._ended(await self._results.finished_claims({i: runs[i].retries for i in unheld}))
+        mark = await self._results.feed_mark()
+        confirmed = sorted(unheld & self._unheld) if settled else []
+        self._unheld, self._mark = unheld - set(confirmed), mark
+        for worker in sorted({runs[task_id].worker for task_id in confirmed}):
+            mine = [runs[task_id] for task_id in confirmed if runs[task_id].worker == worker]
+            await self._lost_runs(mine, cutoff, now)
+        return confirmed
+
+    async def _settle(self, task_ids: Collection[str]) -> set[str]:
+        """Apply the stored results (final or RETRY) of ``task_ids``; returns their ids."""
+        stored = await self._results.results(task_ids)
+        found = [item for item in stored.values() if item.update.state is not TaskState.RUNNING]
+        if found:
+            count = await self._store.settle(item.update for item in found)
+            await self._results.republish(found)
+            ids = " ".join(sorted(item.update.task_id for item in found))
+            log.warning(
+                "recovery: %d result(s) found in Redis for runs no worker holds, applied: %s", count, ids
+            )
+        return {item.update.task_id for item in found}
+
+    def _ended(self, task_ids: set[str]) -> set[str]:
+        """Log (once) the runs that ended with no result found; returns them."""
+        new = sorted(task_ids - self._unknown)
+        self._unknown = set(task_ids)
+        if new:
+            log.warning(
+                "recovery: %d run(s) ended (claim done) but no result is stored; left to the feed "
+                "and the reconcile: %s",
+                len(new),
+                " ".join(new),
+            )
+        return task_ids
+
+    async def _lost_runs(self, runs: list[StaleRun], cutoff: dt.datetime, now: dt.datetime) -> None:
+        """Re-run or fail tasks whose live worker (one for all of ``runs``) no longer holds
+        them, unless updated since ``cutoff``."""
+        worker = runs[0].worker
+        rerun = {run.task_id: run.retries for run in runs if self._catalog.acks_late(run.task_name)}
+        if rerun:
+            await self._results.forget_runs(rerun)
+            count = await self._store.requeue(rerun, worker, now, updated_before=cutoff)
+            log.warning(
+                "recovery: %d task(s) worker %s no longer holds, no result stored, republished: %s",
+                count,
+                worker,
+                " ".join(sorted(rerun)),
+            )
+        error = TaskError(
+            WORKER_LOST, f"worker {worker} no longer holds the task and no result was stored for it"
+        )
+        ended = []
+        for run in runs:
+            if run.task_id not in rerun and await self._store.fail([run.task_id], worker, error, now, cutoff):
+                ended.append(run.task_id)
+        if ended:
+            await self._results.announce_failed(ended, error, now)
+            log.warning(
+                "recovery: %d task(s) worker %s no longer holds, no result stored, FAILED WorkerLost: %s",
+                len(ended),
+                worker,
+                " ".join(ended),
+            )
 
     async def aclose(self) -> None:
         """Release the result backend's and the broker's connections."""
