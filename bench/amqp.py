@@ -12,6 +12,7 @@ hide behind a fast INSERT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import statistics
@@ -54,35 +55,54 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 class PrivateVhost:
-    """A RabbitMQ vhost of our own (guest may use it); ``close()`` deletes it."""
+    """A RabbitMQ vhost of our own (guest may use it); ``close()`` deletes it.
+
+    Queue depths are read on one connection kept open between reads (a connection per
+    read would load the node this measures), on an event loop of its own.
+    """
 
     def __init__(self) -> None:
         self.name = f"tgbench-{uuid.uuid4().hex[:8]}"
         _rabbitmqctl("add_vhost", self.name)
         _rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
         self.url = f"{AMQP_BASE}/{self.name}"
+        self._loop = asyncio.new_event_loop()
+        self._connection: aio_pika.abc.AbstractConnection | None = None
 
     def depth(self) -> int:
         """Messages in the ``celery`` queue (0 before anyone declared it)."""
-        return asyncio.run(self._queue_op(purge=False))
+        return self._run(purge=False)
 
     def purge(self) -> None:
         """Drop the piled-up task messages (nobody consumes them)."""
-        asyncio.run(self._queue_op(purge=True))
+        self._run(purge=True)
+
+    def _run(self, *, purge: bool) -> int:
+        try:
+            return self._loop.run_until_complete(self._queue_op(purge=purge))
+        except (aio_pika.exceptions.AMQPError, OSError):  # idle too long: a new connection
+            self._connection = None
+            return self._loop.run_until_complete(self._queue_op(purge=purge))
 
     async def _queue_op(self, *, purge: bool) -> int:
-        connection = await aio_pika.connect(self.url, timeout=10)
-        async with connection:
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(QUEUE, passive=True)
-            except aio_pika.exceptions.ChannelClosed:  # not declared yet
-                return 0
-            if purge:
-                await queue.purge()
-            return queue.declaration_result.message_count or 0
+        if self._connection is None or self._connection.is_closed:
+            self._connection = await aio_pika.connect(self.url, timeout=10)
+        channel = await self._connection.channel()
+        try:
+            queue = await channel.declare_queue(QUEUE, passive=True)
+        except aio_pika.exceptions.ChannelClosed:  # not declared yet
+            return 0
+        if purge:
+            await queue.purge()
+        count = queue.declaration_result.message_count or 0
+        await channel.close()
+        return count
 
     def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, OSError):
+                self._loop.run_until_complete(self._connection.close())
+        self._loop.close()
         _rabbitmqctl("delete_vhost", self.name)
 
 
@@ -129,6 +149,14 @@ class BatchSample:
     #: acknowledged tasks / (load + lag)
     published_per_second: float
     server_cpu_us_per_task: float
+    #: the RabbitMQ node's CPU per task (None: the node is not a local process)
+    broker_cpu_us_per_task: float | None
+
+
+def _broker_pid() -> int | None:
+    """The local RabbitMQ node's process (``beam.smp``), if there is one."""
+    found = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True, text=True)
+    return int(found.stdout.split()[0]) if found.returncode == 0 and found.stdout.strip() else None
 
 
 def _batch_round(plan: Plan, children: Children, vhost: PrivateVhost, server: Server) -> BatchSample:
@@ -138,7 +166,9 @@ def _batch_round(plan: Plan, children: Children, vhost: PrivateVhost, server: Se
         "--batch-size", str(plan.batch_size), "--concurrency", str(plan.batch_concurrency),
         "--warmup", "0", "--duration", str(plan.throughput_duration), "--channels", "1",
     ]  # fmt: skip
+    broker = _broker_pid()
     cpu_before = cpu_seconds(server.pid)
+    broker_before = cpu_seconds(broker) if broker else 0.0
     started = time.monotonic()
     line = children.run_json_line(
         command, log=OUT / "loadgen-amqp-batch.log", env=python_env(), timeout=plan.throughput_duration + 90
@@ -150,8 +180,9 @@ def _batch_round(plan: Plan, children: Children, vhost: PrivateVhost, server: Se
     tasks = result.total_calls * plan.batch_size
     deadline = load_end + 120
     while (queued := vhost.depth()) < tasks and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.25)
     published_at = time.monotonic()
+    broker_cpu = (cpu_seconds(broker) - broker_before) / max(tasks, 1) * 1e6 if broker else None
     if queued < tasks:
         raise RuntimeError(f"only {queued} of {tasks} acknowledged tasks reached RabbitMQ in 120 s")
     return BatchSample(
@@ -161,6 +192,7 @@ def _batch_round(plan: Plan, children: Children, vhost: PrivateVhost, server: Se
         publish_lag=published_at - load_end,
         published_per_second=tasks / (published_at - started),
         server_cpu_us_per_task=(cpu_seconds(server.pid) - cpu_before) / max(tasks, 1) * 1e6,
+        broker_cpu_us_per_task=broker_cpu,
     )
 
 
@@ -229,6 +261,14 @@ def _report(plan: Plan, systems: list[System], batches: list[BatchSample], vhost
         f"{statistics.median(b.publish_lag for b in batches):.2f} | "
         f"{statistics.median(b.published_per_second for b in batches):,.0f} | "
         f"{statistics.median(b.server_cpu_us_per_task for b in batches):.0f} |",
+        "",
+        "Rounds (tasks/s acknowledged, lag s, RabbitMQ CPU µs per task): "
+        + "; ".join(
+            f"{b.tasks_per_second:,.0f}, {b.publish_lag:.1f}, "
+            + (f"{b.broker_cpu_us_per_task:.0f}" if b.broker_cpu_us_per_task is not None else "—")
+            for b in batches
+        )
+        + ".",
         "",
         f"Target ≥ {TARGET_BATCH_PER_SECOND:,} durable tasks/s: "
         f"{'MET' if batch_rate >= TARGET_BATCH_PER_SECOND else 'NOT MET'} ({batch_rate:,.0f}). Every round "
