@@ -48,8 +48,10 @@ _ENV = {
     "TASKGATE_LOST_QUEUED_AFTER": "1000000000",
 }
 _RETENTION_DONE = re.compile(rb"retention: deleted (\d+) tasks finished before \S+ in ([\d.]+)s")
-#: Seconds after the gateway is launched at which the filled rows expire.
-EXPIRE_AFTER = 10.0
+#: Seconds after the gateway is launched at which the filled rows expire: later than its first
+#: retention pass (at start-up, which took 10 s and more on a busy machine), earlier than its
+#: second (RETENTION_INTERVAL after the first).
+EXPIRE_AFTER = 45.0
 #: Expired rows of the second, store-only measurement (at most the section's size).
 ALONE_ROWS = 200_000
 #: Give up on the measurement after this many seconds of measuring.
