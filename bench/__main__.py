@@ -14,12 +14,14 @@ from collections.abc import Callable
 from importlib import metadata
 from types import FrameType
 
+from bench.amqp import run_amqp
 from bench.batch import run_batch
 from bench.dispatch_lag import run_dispatch_lag
 from bench.enqueue import contenders, report, run_rounds, samples_json
 from bench.flower import start_flower
 from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
 from bench.listing import run_listing
+from bench.operations import run_operations
 from bench.plan import DEFAULT, QUICK, Plan
 from bench.profile import profile_taskgate
 from bench.scaleout import run_scaleout
@@ -101,6 +103,8 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "listing": run_listing,
     "workflows": run_workflows,
     "schedules": run_schedules,
+    "operations": run_operations,
+    "amqp": run_amqp,
 }
 
 
