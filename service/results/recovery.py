@@ -143,7 +143,7 @@ class ResultKeys:
                 for task_id in task_ids:
                     key = self._keys.task_meta(task_id)
                     document = failure_document(task_id, error, now)
-                    pipe.setex(key, self._expires, document)
+                    pipe.set(key, document, ex=self._expires)
                     pipe.publish(key, document)
                 await pipe.execute()
 
