@@ -71,8 +71,10 @@ class Settings(CelerySettings):
         60.0, gt=0, validation_alias=_env("TASKGATE_WORKER_LOST_TIMEOUT", "worker_lost_timeout")
     )
     #: Seconds after publishing before a QUEUED task that no worker reported on is looked
-    #: for in the broker (Redis only) and republished if it is gone; default 30 (with two
-    #: recovery passes: at most a minute after Redis returns).
+    #: for in the broker (Redis only) and republished if it is gone; also how long a RUNNING
+    #: task on a live worker may go without an update before the workers are asked whether
+    #: they still hold it; default 30 (with two recovery passes: at most a minute after
+    #: Redis returns).
     lost_queued_after: float = Field(
         30.0, gt=0, validation_alias=_env("TASKGATE_LOST_QUEUED_AFTER", "lost_queued_after")
     )
