@@ -151,14 +151,6 @@ def queue_report(settings: Settings) -> str:
 
 # a RabbitMQ node restart plus 1,000 tasks: minutes on a loaded CI machine, bounded here
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(
-    reason="open (issue 18): the worker, not the gateway — Celery 5.7's prefetch-count reduction "
-    "restores the count with a synchronous basic.qos from the acking thread; with the threads pool "
-    "that thread races the consumer's reads and the worker stops consuming after the restart "
-    "(64 unacked, nothing runs). Passes with worker_enable_prefetch_count_reduction=False, which "
-    "belongs in taskgate.worker.configure",
-    strict=False,
-)
 async def test_a_rabbitmq_restart_under_load_loses_and_repeats_nothing(
     broker_settings: Settings, tmp_path: Path
 ) -> None:
