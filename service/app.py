@@ -187,7 +187,11 @@ class Runtime:
         settings = self.settings
         store = ScheduleStore(self.store.engine)
         self.schedules = Schedules(
-            store, self.catalog, self.outbox, poll_interval=settings.schedule_poll_interval
+            store,
+            self.catalog,
+            self.outbox,
+            poll_interval=settings.schedule_poll_interval,
+            control=self.gateway.control,
         )
         self.loops.start("schedules", self.schedules.step, backoff=Backoff(first=0.5))
 
@@ -238,6 +242,10 @@ class Runtime:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self.loops.task("outbox")), 15)
         await self.loops.stop()
+        if self.schedules is not None:
+            # slots decided ahead and held here: left to the relay of any replica, at their slot
+            with contextlib.suppress(Exception):
+                await self.schedules.release()
         with contextlib.suppress(Exception):
             await self.outbox.run_once()
         with contextlib.suppress(Exception):

@@ -42,6 +42,7 @@ from service.runtime import tracing
 from service.runtime.schedule_tracing import firing_headers
 from service.store.rows import NewTask
 from service.store.schedules import Firing, ScheduleStore
+from service.usecases.control import Control
 from service.usecases.schedule_hold import Hold
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ class Schedules:
         batch: int = 1000,
         poll_interval: float = 0.5,
         lead: dt.timedelta = LEAD,
+        control: Control | None = None,
     ) -> None:
         self._store = store
+        #: cancels a slot decided ahead when its schedule is paused or deleted before it
+        self._control = control
         self._catalog = catalog
         self._outbox = outbox
         self._batch = batch
@@ -181,6 +185,8 @@ class Schedules:
         log.info(
             "schedule_id=%s updated by %r (%s)", updated.schedule_id, caller.name, ", ".join(sorted(fields))
         )
+        if updated.paused:
+            await self._withdraw(updated, now, "paused")
         return updated
 
     async def set_paused(self, schedule_id: str, paused: bool, caller: Caller = OPEN) -> Schedule:
@@ -194,10 +200,25 @@ class Schedules:
             PermissionDenied: another caller's schedule.
             ScheduleNotFound: no such schedule, or one the caller may not see.
         """
-        self._may_change(await self.get(schedule_id, caller), caller)
+        current = await self.get(schedule_id, caller)
+        self._may_change(current, caller)
         if not await self._store.delete(schedule_id):
             raise _not_found(schedule_id)
         log.info("schedule_id=%s deleted by %r", schedule_id, caller.name)
+        await self._withdraw(current, dt.datetime.now(dt.UTC), "deleted")
+
+    async def _withdraw(self, schedule: Schedule, now: dt.datetime, why: str) -> None:
+        """Cancel the firing decided ahead for a slot still to come (``LEAD``), so a pause or
+        a delete takes effect for the next slot: the task ends CANCELLED and, through the
+        durable cancel mark, never runs, even if a replica's hold publishes it at the slot."""
+        if self._control is None or not schedule.last_task_id:
+            return
+        if schedule.last_run_time is None or schedule.last_run_time <= now:
+            return  # the last firing's slot has come: it is an ordinary task now
+        reason = f"schedule {schedule.schedule_id!r} was {why} before this slot"
+        await self._control.cancel(schedule.last_task_id, reason=reason)
+        log.info("task_id=%s schedule_id=%s: slot decided ahead withdrawn (%s)", schedule.last_task_id,
+                 schedule.schedule_id, why)  # fmt: skip
 
     async def trigger(self, schedule_id: str, caller: Caller = OPEN) -> str:
         """Fire the schedule once now, outside its slots; returns the task id.

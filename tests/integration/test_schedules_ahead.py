@@ -1,16 +1,19 @@
 """Deciding a slot ahead: the task is recorded before its slot (QUEUED, run_time = the slot)
-and held; at most one slot per schedule is pending; a pause and resume inside the lead keeps
-the decided slot and resumes after it; a stopping gateway leaves held tasks to the relay at
-their slot."""
+and held; at most one slot per schedule is pending; without a canceller a pause and resume
+inside the lead keeps the decided slot and resumes after it; with one (as the gateway wires
+it) a pause or a delete inside the lead withdraws the decided firing, which never runs; a
+stopping gateway leaves held tasks to the relay at their slot."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
 import sqlalchemy as sa
 
 from service.app import Runtime
+from service.domain.model import TaskState
 from service.domain.schedule import TaskTemplate
 from service.store.schedules import ScheduleStore
 from service.store.tables import tasks
@@ -60,3 +63,46 @@ async def test_a_slot_is_decided_ahead_held_and_released(runtime: Runtime) -> No
     finally:
         await schedules.release()
         await schedules.delete(schedule_id)
+
+
+async def _row(runtime: Runtime, task_id: str) -> sa.RowMapping:
+    async with runtime.store.engine.connect() as conn:
+        return (await conn.execute(sa.select(tasks).where(tasks.c.task_id == task_id))).mappings().one()
+
+
+async def test_a_pause_or_delete_inside_the_lead_withdraws_the_decided_slot(runtime: Runtime) -> None:
+    schedules = Schedules(
+        ScheduleStore(runtime.store.engine),
+        runtime.catalog,
+        runtime.outbox,
+        lead=dt.timedelta(seconds=60),
+        control=runtime.gateway.control,
+    )
+    interval = dt.timedelta(seconds=10)  # the slot: 10 s after create, decided at once
+    try:
+        for action in ("pause", "delete"):
+            schedule_id = f"withdraw-{action}-{uuid.uuid4().hex[:8]}"
+            await schedules.create(
+                Draft(schedule_id, interval=interval, task=TaskTemplate("demo.add", args=[1, 2]))
+            )
+            await schedules.step()
+            decided = await schedules.get(schedule_id)
+            slot = decided.last_run_time
+            assert slot is not None and slot > dt.datetime.now(dt.UTC), "decided ahead of its slot"
+            if action == "pause":
+                await schedules.set_paused(schedule_id, True)
+            else:
+                await schedules.delete(schedule_id)
+            row = await _row(runtime, decided.last_task_id)
+            assert row["state"] == TaskState.CANCELLED.value and row["cancel_requested"]
+            # the hold still hands it to the outbox at its slot: the cancel mark stops the worker
+            while dt.datetime.now(dt.UTC) < slot + dt.timedelta(seconds=3):
+                await asyncio.sleep(0.2)
+            row = await _row(runtime, decided.last_task_id)
+            assert row["state"] == TaskState.CANCELLED.value
+            seen = await runtime.hub.snapshot(decided.last_task_id)
+            assert seen is None or seen.state is not TaskState.SUCCEEDED, "a withdrawn firing never runs"
+            if action == "pause":
+                await schedules.delete(schedule_id)
+    finally:
+        await schedules.release()
