@@ -46,6 +46,8 @@ BATCH = 500
 IN_FLIGHT = 2
 #: Seconds after the last SUCCEEDED and the drained feed before the CPU is read (both modes).
 SETTLE = 0.5
+#: Seconds of the idle window (after the warm-up, before the load).
+IDLE = 2.0
 _READY = re.compile(rb"@\S+ ready\.")
 
 
@@ -65,6 +67,23 @@ class Workload:
 WORKLOADS = (Workload("demo.add", (1, 2), 2), Workload("demo.progress", (3, 0), 5))
 
 
+@dataclass(frozen=True)
+class Mode:
+    """How the worker and the gateway of a run are set up."""
+
+    label: str
+    #: the worker's result backend: FeedRedisBackend (True) or Celery's RedisBackend
+    worker_feed: bool
+    #: the gateway's TASKGATE_STATE_FEED
+    gateway_feed: bool
+    #: more environment for both processes
+    env: tuple[tuple[str, str], ...] = ()
+
+
+ON = Mode("feed ON", worker_feed=True, gateway_feed=True)
+OFF = Mode("feed OFF", worker_feed=False, gateway_feed=False)
+
+
 @dataclass
 class Sample:
     """One run of one workload in one mode."""
@@ -75,6 +94,11 @@ class Sample:
     redis_us: float
     pg_us: float
     rows_per_task: float
+    #: transactions committed in the database per task (the probe's own left out)
+    commits_per_task: float
+    #: CPU milliseconds per second of the idle gateway and worker, measured before the load
+    gateway_idle_ms: float
+    worker_idle_ms: float
     #: seconds from the last SUCCEEDED in the database until the feed was drained
     drain_s: float
 
@@ -96,15 +120,16 @@ def _dsn(db: PrivateDatabase) -> str:
     return make_url(db.url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def _start_worker(children: Children, redis: PrivateRedis, feed: bool, name: str) -> Any:
+def _start_worker(children: Children, redis: PrivateRedis, mode: Mode, name: str) -> Any:
     log = OUT / f"worker-feed-{name}.log"
     log.write_bytes(b"")
     command = [
-        sys.executable, "-m", "bench.feed", "worker", "on" if feed else "off",
+        sys.executable, "-m", "bench.feed", "worker", "on" if mode.worker_feed else "off",
         "-P", "prefork", "-c", "2", "-n", f"{name}@%h", "-l", "INFO",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    process = children.spawn(command, log=log, env=broker_env(redis.url, TASKGATE_KEY_PREFIX=KEY_PREFIX))
+    env = broker_env(redis.url, TASKGATE_KEY_PREFIX=KEY_PREFIX, **dict(mode.env))
+    process = children.spawn(command, log=log, env=env)
     deadline = time.monotonic() + 60
     while not _READY.search(log.read_bytes()):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -119,8 +144,11 @@ class _Probe:
 
     def __init__(self, conn: asyncpg.Connection, redis: PrivateRedis, feed: bool) -> None:
         self.conn, self.redis, self.feed = conn, redis, feed
+        #: statements this probe ran (each its own transaction)
+        self.queries = 0
 
     async def pg_cpu(self) -> float:
+        self.queries += 1
         rows = await self.conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
@@ -129,6 +157,7 @@ class _Probe:
     async def wait_succeeded(self, ids: list[str], timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            self.queries += 1
             done = await self.conn.fetchval(
                 "SELECT count(*) FROM tasks WHERE task_id = ANY($1::text[]) AND state = 'SUCCEEDED'", ids
             )
@@ -176,13 +205,15 @@ async def _measure(
     feed: bool,
     workload: Workload,
     n: int,
-) -> tuple[Sample, float]:
+) -> tuple[Sample, int]:
     conn = await asyncpg.connect(_dsn(db))
     try:
         probe = _Probe(conn, redis, feed)
         await probe.wait_succeeded(await _enqueue(server.target, workload, WARMUP))
         await probe.wait_drained()
         await asyncio.sleep(SETTLE)
+        idle = (session_cpu(worker_pid), session_cpu(server.pid))
+        await asyncio.sleep(IDLE)
         cpu = (session_cpu(worker_pid), session_cpu(server.pid), cpu_seconds(redis.process.pid))
         pg = await probe.pg_cpu()
         started = time.monotonic()
@@ -204,43 +235,61 @@ async def _measure(
         redis_us=redis_cpu * per_task,
         pg_us=pg * per_task,
         rows_per_task=0.0,
+        commits_per_task=0.0,
+        gateway_idle_ms=(cpu[1] - idle[1]) / IDLE * 1000,
+        worker_idle_ms=(cpu[0] - idle[0]) / IDLE * 1000,
         drain_s=drained - succeeded,
     )
-    return sample, succeeded - started
+    return sample, probe.queries
 
 
-async def _rows_updated(db: PrivateDatabase) -> int:
+#: Statements ``_db_counts`` runs (each its own transaction).
+_COUNT_QUERIES = 3
+
+
+async def _db_counts(db: PrivateDatabase) -> tuple[int, int]:
+    """Rows of ``tasks`` updated and transactions committed so far (flushed statistics)."""
     conn = await asyncpg.connect(_dsn(db))
     try:
         await conn.execute("SELECT pg_stat_clear_snapshot()")
-        value = await conn.fetchval("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
-        return int(value or 0)
+        rows = await conn.fetchval("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'tasks'")
+        commits = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        return int(rows or 0), int(commits or 0)
     finally:
         await conn.close()
 
 
-def _run(
+def run_once(
     children: Children,
     redis: PrivateRedis,
     db: PrivateDatabase,
-    feed: bool,
+    mode: Mode,
     workload: Workload,
     n: int,
     tag: str,
 ) -> Sample:
-    rows_before = asyncio.run(_rows_updated(db))
-    env = {"TASKGATE_KEY_PREFIX": KEY_PREFIX, "TASKGATE_STATE_FEED": "1" if feed else "0"}
+    """One run: a gateway and a worker set up as ``mode``, a warm-up, then ``n`` tasks."""
+    rows_before, commits_before = asyncio.run(_db_counts(db))
+    env = {
+        "TASKGATE_KEY_PREFIX": KEY_PREFIX,
+        "TASKGATE_STATE_FEED": "1" if mode.gateway_feed else "0",
+        **dict(mode.env),
+    }
     server = start_taskgate(children, redis.url, db.url, log_name=f"taskgate-feed-{tag}.log", **env)
     worker = None
     try:
-        worker = _start_worker(children, redis, feed, tag)
-        sample, _ = asyncio.run(_measure(server, worker.pid, redis, db, feed, workload, n))
+        worker = _start_worker(children, redis, mode, tag)
+        sample, queries = asyncio.run(_measure(server, worker.pid, redis, db, mode.gateway_feed, workload, n))
     finally:
         if worker is not None:
             children.stop(worker, timeout=15)
         children.stop(server.process, timeout=20)
     time.sleep(0.5)  # the backends' exit flushes their statistics
-    sample.rows_per_task = (asyncio.run(_rows_updated(db)) - rows_before) / (n + WARMUP)
+    rows, commits = asyncio.run(_db_counts(db))
+    sample.rows_per_task = (rows - rows_before) / (n + WARMUP)
+    sample.commits_per_task = (commits - commits_before - queries - _COUNT_QUERIES) / (n + WARMUP)
     return sample
 
 
@@ -251,14 +300,22 @@ _COLUMNS = (
     ("Redis CPU/task (µs)", "redis_us", "{:,.0f}"),
     ("PG backends CPU/task (µs)", "pg_us", "{:,.0f}"),
     ("tasks rows updated/task", "rows_per_task", "{:.2f}"),
+    ("DB commits/task", "commits_per_task", "{:.2f}"),
+    ("idle gateway CPU (ms/s)", "gateway_idle_ms", "{:.0f}"),
+    ("idle worker CPU (ms/s)", "worker_idle_ms", "{:.0f}"),
 )
 
 
-def _table(workload: Workload, on: list[Sample], off: list[Sample]) -> list[str]:
+def table(
+    workload: Workload, on: list[Sample], off: list[Sample], names: tuple[str, str] = ("ON", "OFF")
+) -> list[str]:
+    """Medians of both, the ratio of the medians and its spread over the round pairs."""
+    a_name, b_name = names
     lines = [
         f"### {workload.label}: {workload.states} states per task",
         "",
-        "| | feed ON (median) | feed OFF (median) | ON/OFF | ON/OFF per round pair (min to max) |",
+        f"| | {a_name} (median) | {b_name} (median) | {a_name}/{b_name} | {a_name}/{b_name} per round pair "
+        "(min to max) |",
         "|---|---:|---:|---:|---:|",
     ]
     for title, field, fmt in _COLUMNS:
@@ -271,7 +328,9 @@ def _table(workload: Workload, on: list[Sample], off: list[Sample]) -> list[str]
         lines.append(f"| {title} | {fmt.format(ma)} | {fmt.format(mb)} | {ratio} | {spread} |")
     drain = statistics.median(s.drain_s for s in on)
     lines.append("")
-    lines.append(f"Feed drained a median {drain * 1000:.0f} ms after the last task read SUCCEEDED.")
+    lines.append(
+        f"{a_name}: the feed drained a median {drain * 1000:.0f} ms after the last task read SUCCEEDED."
+    )
     return lines
 
 
@@ -294,21 +353,33 @@ def _verdict(results: dict[Workload, tuple[list[Sample], list[Sample]]]) -> str:
     return "Verdict (ON/OFF medians): " + "; ".join(parts) + "."
 
 
+def compare(
+    children: Children,
+    redis: PrivateRedis,
+    db: PrivateDatabase,
+    modes: tuple[Mode, ...],
+    rounds: int,
+    n: int,
+) -> dict[Workload, dict[Mode, list[Sample]]]:
+    """Per workload, ``rounds`` rounds of one run per mode, in turn (ABAB…)."""
+    results: dict[Workload, dict[Mode, list[Sample]]] = {}
+    for workload in WORKLOADS:
+        samples: dict[Mode, list[Sample]] = {mode: [] for mode in modes}
+        for round_no in range(1, rounds + 1):
+            for number, mode in enumerate(modes):
+                announce(f"{mode.label}, round {round_no}/{rounds}: {n} x {workload.label}")
+                tag = f"{workload.name.split('.')[-1]}-{number}-{round_no}"
+                samples[mode].append(run_once(children, redis, db, mode, workload, n, tag))
+                announce(f"  {samples[mode][-1]}")
+        results[workload] = samples
+    return results
+
+
 def run_feed(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
     """Measure the state feed's cost (ON/OFF alternating runs); return the report section."""
     n = BATCH * max(2, round(plan.throughput_duration))
-    results: dict[Workload, tuple[list[Sample], list[Sample]]] = {}
-    for workload in WORKLOADS:
-        on: list[Sample] = []
-        off: list[Sample] = []
-        for round_no in range(1, plan.rounds + 1):
-            for feed, samples in ((True, on), (False, off)):
-                mode = "on" if feed else "off"
-                announce(f"feed {mode}, round {round_no}/{plan.rounds}: {n} x {workload.label}")
-                tag = f"{workload.name.split('.')[-1]}-{mode}-{round_no}"
-                samples.append(_run(children, redis, db, feed, workload, n, tag))
-                announce(f"  {samples[-1]}")
-        results[workload] = (on, off)
+    measured = compare(children, redis, db, (ON, OFF), plan.rounds, n)
+    results = {workload: (samples[ON], samples[OFF]) for workload, samples in measured.items()}
     lines = [
         f"## State feed: ON vs OFF end to end — {n} tasks per run (EnqueueBatch x{BATCH}, {IN_FLIGHT} in "
         f"flight), a prefork worker of concurrency 2, {plan.rounds} ON/OFF round pairs (ABAB)",
@@ -319,7 +390,7 @@ def run_feed(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDat
         "",
     ]
     for workload, (on, off) in results.items():
-        lines.extend(_table(workload, on, off))
+        lines.extend(table(workload, on, off))
         lines.append("")
     lines.append(_verdict(results))
     return "\n".join(lines)
