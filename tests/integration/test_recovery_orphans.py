@@ -26,7 +26,10 @@ import sqlalchemy as sa
 from service.app import Runtime
 from service.config import Settings
 from service.domain.model import TaskState
+from service.results.recovery import ResultKeys, stream_id
+from service.runtime.redis_pool import small_pool
 from service.store.tables import tasks
+from taskgate.worker.contract import RedisKeys
 from tests.integration.test_recovery import WAIT, enqueue, fast, gateway, private_worker, wait_for, watched
 
 
@@ -118,3 +121,31 @@ async def test_runs_a_live_worker_no_longer_holds_end_true_and_its_long_run_is_u
     assert lines(log_path, long, "succeeded") == 1
     assert long not in caplog.text  # never named by the recovery pass
     assert lost in caplog.text and rerun in caplog.text
+
+
+async def test_the_state_feed_is_settled_only_once_read_and_acknowledged_up_to_the_mark(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """``ResultKeys.feed_settled`` on a private stream and group of the real Redis."""
+    keys = RedisKeys(f"{settings.key_prefix}feed-{uuid.uuid4().hex[:8]}-")
+    results = ResultKeys(small_pool(settings.result_backend, "test", size=1), keys, feed_group="gateways")
+    try:
+        assert await results.feed_mark() is None  # no stream yet
+        assert await results.feed_settled(None)
+        redis_client.xgroup_create(keys.state_feed, "gateways", id="0", mkstream=True)
+        first = redis_client.xadd(keys.state_feed, {"id": "a"})
+        mark = await results.feed_mark()
+        assert mark == stream_id(first)
+        assert not await results.feed_settled(mark)  # not read yet
+        redis_client.xreadgroup("gateways", "g1", {keys.state_feed: ">"}, count=1)
+        assert not await results.feed_settled(mark)  # read, not acknowledged (not written)
+        redis_client.xadd(keys.state_feed, {"id": "b"})  # later entries do not matter
+        redis_client.xack(keys.state_feed, "gateways", first)
+        assert await results.feed_settled(mark)
+        # Redis restarted empty: a younger, empty stream is settled against an old mark
+        redis_client.delete(keys.state_feed)
+        redis_client.xgroup_create(keys.state_feed, "gateways", id="0", mkstream=True)
+        assert await results.feed_settled(mark)
+    finally:
+        redis_client.delete(keys.state_feed)
+        await results.aclose()
