@@ -89,14 +89,11 @@ class FeedRedisBackend(_RedisBackend):  # type: ignore[misc]
         return result
 
     def _set(self, key: Any, value: Any, expires: int | None = None) -> None:
-        """SETEX + PUBLISH (Celery's) + XADD to the state feed for task documents, one MULTI."""
+        """SET with expiry + PUBLISH (Celery's) + XADD to the state feed for task documents, one MULTI."""
         if expires is None:
             expires = self.expires
         with self.client.pipeline() as pipe:
-            if expires:
-                pipe.setex(key, expires, value)
-            else:
-                pipe.set(key, value)
+            pipe.set(key, value, ex=expires or None)  # SETEX (the method is deprecated)
             pipe.publish(key, value)
             raw = key if isinstance(key, bytes) else str(key).encode()
             if raw.startswith(self._meta_prefix):
