@@ -4,9 +4,10 @@ The hub PSUBSCRIBEs once to ``<prefix>celery-task-meta-*`` (the channels the res
 publishes every state on). Each message is decoded once and handed to the recorder (so
 every state reaches the database, watched or not) and to the inboxes of the streams that
 watch that task. A stream costs an inbox (a few hundred bytes), not a Redis connection nor
-a timer. When the subscription is lost each inbox gets ``PAUSED`` (its stream polls the task
-until it is back); after every (re)subscribe each gets ``RESYNC`` so its stream re-reads the
-task: anything published while the subscription was down is not lost.
+a timer; a workflow's stream has one inbox for all its steps (``register_many``). When the
+subscription is lost each inbox gets ``PAUSED`` (its stream polls the task until it is
+back); after every (re)subscribe each gets ``RESYNC`` so its stream re-reads the task:
+anything published while the subscription was down is not lost.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import datetime as dt
 import enum
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Messages handled between two yields to the event loop.
 YIELD_EVERY = 32
+
+#: Largest inbox of a stream watching many tasks (``register_many``).
+MANY_INBOX_MAX = 4096
 
 #: Redis CLIENT SETNAME prefix of the hub's connections (visible in CLIENT LIST).
 CLIENT_NAME = "taskgate-hub"
@@ -67,12 +71,14 @@ class Inbox:
     stream waits (woken by ``put`` or by a timer, never by cancelling anything).
     """
 
-    __slots__ = ("_items", "_size", "_waiter")
+    __slots__ = ("_items", "_keys", "_size", "_waiter")
 
     def __init__(self, size: int = 32) -> None:
         self._items: list[TaskUpdate | Signal] = []
         self._size = size
         self._waiter: asyncio.Future[None] | None = None
+        #: how many task ids it is registered under (the hub's accounting)
+        self._keys = 0
 
     def put(self, item: TaskUpdate | Signal) -> None:
         """Add an item; never blocks."""
@@ -84,6 +90,11 @@ class Inbox:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def drain(self) -> list[TaskUpdate | Signal]:
+        """Every item waiting, oldest first (never waits)."""
+        items, self._items = self._items, []
+        return items
 
     async def get(self, timeout: float | None) -> TaskUpdate | Signal | None:
         """The next item, or None after ``timeout`` seconds without one (None: no time limit)."""
@@ -185,9 +196,14 @@ class ProgressHub:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _broadcast(self, signal: Signal) -> None:
+        seen: set[Inbox] = set()  # an inbox of several tasks gets the signal once
         for boxes in self._inboxes.values():
             for inbox in boxes:
-                inbox.put(signal)
+                if inbox._keys == 1:
+                    inbox.put(signal)
+                elif inbox not in seen:
+                    seen.add(inbox)
+                    inbox.put(signal)
 
     def _subscribed(self) -> None:
         self._ready.set()
@@ -216,22 +232,48 @@ class ProgressHub:
         inbox = Inbox()
         if self._closing:
             inbox.put(Signal.SHUTDOWN)
+        self._add(task_id, inbox)
+        return inbox
+
+    def register_many(self, task_ids: Iterable[str]) -> Inbox:
+        """One new inbox that receives the updates of every task in ``task_ids`` (a workflow's
+        steps) until ``unregister_many``-ed; it counts as one watcher and gets each signal once.
+        Its size fits a burst of one update per task."""
+        unique = list(dict.fromkeys(task_ids))
+        inbox = Inbox(size=min(max(len(unique) + 8, 32), MANY_INBOX_MAX))
+        if self._closing:
+            inbox.put(Signal.SHUTDOWN)
+        for task_id in unique:
+            self._add(task_id, inbox)
+        return inbox
+
+    def _add(self, task_id: str, inbox: Inbox) -> None:
         boxes = self._inboxes.get(task_id)
         if boxes is None:
             self._inboxes[task_id] = [inbox]
+        elif inbox in boxes:
+            return
         else:
             boxes.append(inbox)
-        self._inbox_count += 1
-        return inbox
+        inbox._keys += 1
+        if inbox._keys == 1:
+            self._inbox_count += 1
 
     def unregister(self, task_id: str, inbox: Inbox) -> None:
-        """Stop delivering to ``inbox`` (a no-op when it is not registered)."""
+        """Stop delivering ``task_id``'s updates to ``inbox`` (a no-op when it is not registered)."""
         boxes = self._inboxes.get(task_id)
         if boxes is not None and inbox in boxes:
             boxes.remove(inbox)
-            self._inbox_count -= 1
+            inbox._keys -= 1
+            if inbox._keys == 0:
+                self._inbox_count -= 1
             if not boxes:
                 del self._inboxes[task_id]
+
+    def unregister_many(self, task_ids: Iterable[str], inbox: Inbox) -> None:
+        """Stop delivering to ``inbox`` the updates of every task in ``task_ids``."""
+        for task_id in task_ids:
+            self.unregister(task_id, inbox)
 
     async def snapshot(self, task_id: str) -> TaskUpdate | None:
         """The latest stored state of ``task_id`` in Redis, or None if it has no key.

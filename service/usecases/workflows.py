@@ -16,6 +16,7 @@ state once no step can run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -30,7 +31,6 @@ from service.domain.catalog import Catalog
 from service.domain.errors import (
     InvalidRequest,
     InvalidTasks,
-    LimitExceeded,
     PermissionDenied,
     TaskNotFound,
 )
@@ -54,11 +54,10 @@ from service.runtime import tracing
 from service.store.rows import NewTask
 from service.store.workflows import WorkflowStore
 from service.usecases.control import Control
+from service.usecases.workflow_watch import SubscriptionPort, Wakeups, follow, hub_of
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two reads of a watched workflow.
-WATCH_INTERVAL = 0.25
 #: Seconds between two passes of the workflow loop.
 LOOP_INTERVAL = 0.5
 #: Seconds between two passes of the loop over every unfinished workflow; the passes in
@@ -134,6 +133,7 @@ class Workflows:
         control: Control | None,
         *,
         max_tasks: int = 1000,
+        hub: SubscriptionPort | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -142,6 +142,9 @@ class Workflows:
         self._writer = writer
         self._control = control
         self._max_tasks = max_tasks
+        #: the shared subscription the streams wait on (default: the control use cases')
+        self._hub = hub if hub is not None else hub_of(control)
+        self._wakeups = Wakeups()
         self._last_pass: dt.datetime | None = None
         self._next_sweep = 0.0
 
@@ -211,12 +214,7 @@ class Workflows:
                     task.task_name, [None, *task.args] if receives else task.args, task.kwargs
                 )
             except InvalidRequest as exc:
-                hint = (
-                    " (the previous step's result comes first; immutable: true refuses it)"
-                    if receives
-                    else ""
-                )
-                violations.append((task.path, f"{exc}{hint}"))
+                violations.append((task.path, f"{exc}{_RECEIVES_HINT if receives else ''}"))
         if violations:
             raise InvalidTasks(violations)
 
@@ -255,38 +253,34 @@ class Workflows:
         self, workflow_id: str, caller: Caller = OPEN, *, lifetime: float | None = None
     ) -> AsyncGenerator[WorkflowView, None]:
         """The workflow's snapshot, then one per change, ending after a terminal state or
-        ``lifetime`` seconds.
-
-        Every ``WATCH_INTERVAL`` seconds the stream asks the database whether anything
-        changed (``WorkflowStore.version``: one aggregate over the steps' rows, none of them
-        read); only then does it read the steps.
+        ``lifetime`` seconds (``workflow_watch.follow``: an update of a step, coming through
+        the shared subscription, re-reads the workflow from the database).
 
         Raises:
             WorkflowNotFound: no such workflow, or ``caller`` may not read it.
+            ShuttingDown: the server is stopping.
             LimitExceeded: the lifetime is over.
         """
         record = await self._load(workflow_id, caller)
-        loop = asyncio.get_running_loop()
-        deadline = None if lifetime is None else loop.time() + lifetime
-        version = await self._store.version(workflow_id)  # before the read: no change missed
-        last = await self._view(record)
-        yield last
-        while not last.state.terminal:
-            if deadline is not None and loop.time() >= deadline:
-                raise LimitExceeded(
-                    f"stream lifetime limit reached: {lifetime:g} s (TASKGATE_STREAM_LIFETIME); "
-                    "call StreamWorkflow again"
-                )
-            await asyncio.sleep(WATCH_INTERVAL)
-            seen, version = version, await self._store.version(workflow_id)
-            if version is not None and version == seen:
-                continue
+
+        async def read() -> WorkflowView:
+            nonlocal record
             if not record.state.terminal:
                 record = await self._load(workflow_id, caller)
-            current = await self._view(record)
-            if current != last:
-                yield current
-                last = current
+            return await self._view(record)
+
+        views = follow(
+            self._hub,
+            self._wakeups,
+            workflow_id,
+            record.task_ids,
+            read,
+            lambda: self._store.version(workflow_id),
+            lifetime,
+        )
+        async with contextlib.aclosing(views):
+            async for view in views:
+                yield view
 
     async def _load(self, workflow_id: str, caller: Caller) -> WorkflowRecord:
         record = await self._store.get(workflow_id)
@@ -334,6 +328,7 @@ class Workflows:
                 await self._control.cancel(task_id, caller, terminate=terminate, reason=reason)
         log.info("workflow_id=%s cancel requested (terminate=%s)", workflow_id, terminate)
         await self._advance(record)
+        self._wakeups.wake(workflow_id)
         return await self._view(await self._load(workflow_id, caller))
 
     # --- the loop -------------------------------------------------------------------------
@@ -364,10 +359,12 @@ class Workflows:
             for task_id, error in errors.items():
                 log.info("workflow_id=%s task_id=%s %s", record.workflow_id, task_id, error.message)
             steps = await self._store.steps(record.workflow_id)
+            self._wakeups.wake(record.workflow_id)
         state = overall_state(list(steps.values()))
         if state.terminal:
             await self._store.finish(record.workflow_id, state, now)
             log.info("workflow_id=%s ended %s", record.workflow_id, state.value)
+            self._wakeups.wake(record.workflow_id)
         return steps, state
 
 
