@@ -22,8 +22,14 @@ Target: p99 ≤ 2 s, and no duplicate with two gateways on one database.
 The third case adds the Python Enqueue load generator (``bench.loadgen``, ``LOAD_CONCURRENCY``
 calls in flight) against the gateway twice in the same run: a window just before the lead
 window opens (no schedule work), and a window from the start of the lead to 2 s after the
-slot (deciding 10,000 slots ahead, then publishing them). Reported: both Enqueue rates and
-their ratio (firing / quiet; the issue asks that it does not fall), and that case's lags.
+slot (deciding 10,000 slots ahead, then publishing them). Flower (``bench.flower``, its
+async-apply through ``bench.httpload``, the same calls in flight) runs on the same Redis
+just before the quiet window and again once every firing is published. Reported: the
+Enqueue rates, taskgate / Flower quiet and while firing (the issue asks that the ratio
+against Flower does not fall), firing / quiet, and that case's lags.
+
+``BENCH_SCHEDULES_CASES`` (comma-separated ``1``, ``2``, ``load``; default all three) runs
+only some cases, for comparing variants of the firing code.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from bench.drive import LoadResult, percentile
+from bench.flower import start_flower
 from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, python_env
 from bench.plan import Plan
 from bench.servers import Server, start_taskgate
@@ -54,12 +61,12 @@ from service.usecases.schedules import LEAD
 TARGET_P99 = 2.0
 #: Seconds the gateways decide a slot ahead of it.
 LEAD_SECONDS = LEAD.total_seconds()
-#: The slot is at least this many seconds after the schedules are resumed: room for the
-#: quiet Enqueue window before the lead window opens.
-MARGIN = LEAD_SECONDS + 12.0
-#: Enqueue calls in flight in the load case, and its quiet window's length in seconds.
+#: Enqueue calls in flight in the load case, and its quiet windows' length in seconds.
 LOAD_CONCURRENCY = 16
 QUIET_WINDOW = 5.0
+#: The slot is at least this many seconds after the schedules are resumed: room for the
+#: quiet windows (Flower, then taskgate) before the lead window opens.
+MARGIN = LEAD_SECONDS + 2 * QUIET_WINDOW + 12.0
 #: Seconds after the slot after which the section stops waiting for firings.
 GIVE_UP = 180.0
 #: Seconds without a new task (all published) before the count is final.
@@ -88,6 +95,8 @@ class Outcome:
     load: tuple[float, float]
     #: the Enqueue load case: (quiet, while firing) results
     enqueue: tuple[LoadResult, LoadResult] | None = None
+    #: the Enqueue load case: Flower's async-apply before the quiet window and after the firings
+    flower: tuple[LoadResult, LoadResult] | None = None
 
     @property
     def met(self) -> bool:
@@ -126,10 +135,11 @@ async def _insert(engine: AsyncEngine, count: int) -> None:
             await conn.execute(schedules.insert(), rows[start : start + CHUNK])
 
 
-async def _resume(engine: AsyncEngine) -> dt.datetime:
-    """Resume every schedule as ``M * * * *`` due at the next minute boundary ≥ MARGIN away."""
+async def _resume(engine: AsyncEngine, margin: float) -> dt.datetime:
+    """Resume every schedule as ``M * * * *`` due at the next minute boundary ≥ ``margin``
+    seconds away."""
     now = dt.datetime.now(dt.UTC)
-    slot = (now + dt.timedelta(seconds=MARGIN + 60)).replace(second=0, microsecond=0)
+    slot = (now + dt.timedelta(seconds=margin + 60)).replace(second=0, microsecond=0)
     timing = Timing(cron=f"{slot.minute} * * * *")
     assert timing.next_after(now, now) == slot, "the cron's next slot is the chosen minute"
     async with engine.begin() as conn:
@@ -187,56 +197,81 @@ async def _collect(engine: AsyncEngine) -> tuple[list[float], int, int, int, int
     return sorted(lags), len(rows), fired, duplicates, unpublished, int(skipped or 0)
 
 
-#: Runs the Enqueue load generator for (warm-up, duration) seconds; returns what it measured.
+#: Runs a load generator for (warm-up, duration) seconds; returns what it measured.
 Loadgen = Callable[[float, float], LoadResult]
+
+
+@dataclass(frozen=True)
+class Loads:
+    """The load case's load generators: taskgate's Enqueue and Flower's async-apply."""
+
+    taskgate: Loadgen
+    flower: Loadgen
 
 
 async def _at(moment: dt.datetime) -> None:
     await asyncio.sleep(max((moment - dt.datetime.now(dt.UTC)).total_seconds(), 0.0))
 
 
-async def _enqueue_windows(slot: dt.datetime, loadgen: Loadgen) -> tuple[LoadResult, LoadResult]:
-    """The Enqueue load before the lead window (quiet), then over lead window and slot."""
+async def _enqueue_windows(slot: dt.datetime, loads: Loads) -> tuple[LoadResult, LoadResult, LoadResult]:
+    """Flower, then the Enqueue load, before the lead window (quiet), then the Enqueue load
+    over lead window and slot."""
     lead = dt.timedelta(seconds=LEAD_SECONDS)
     # about a second of start-up, then 0.5 s of warm-up: each window ends well before the next
+    await _at(slot - lead - dt.timedelta(seconds=2 * QUIET_WINDOW + 10))
+    flower = await asyncio.to_thread(loads.flower, 0.5, QUIET_WINDOW)
     await _at(slot - lead - dt.timedelta(seconds=QUIET_WINDOW + 5))
-    quiet = await asyncio.to_thread(loadgen, 0.5, QUIET_WINDOW)
+    quiet = await asyncio.to_thread(loads.taskgate, 0.5, QUIET_WINDOW)
     await _at(slot - lead - dt.timedelta(seconds=1.5))
-    firing = await asyncio.to_thread(loadgen, 0.5, LEAD_SECONDS + 2)
-    return quiet, firing
+    firing = await asyncio.to_thread(loads.taskgate, 0.5, LEAD_SECONDS + 2)
+    return flower, quiet, firing
 
 
 async def _drive(
-    url: str, count: int, loadgen: Loadgen | None
-) -> tuple[tuple[list[float], int, int, int, int, int], tuple[LoadResult, LoadResult] | None]:
-    """Write, resume and wait for ``count`` schedules on ``url`` (under the Enqueue load of
-    ``loadgen``, if given); what ``_collect`` reads, and the Enqueue windows."""
+    url: str, count: int, loads: Loads | None
+) -> tuple[tuple[list[float], int, int, int, int, int], tuple[LoadResult, ...] | None]:
+    """Write, resume and wait for ``count`` schedules on ``url`` (under the load of ``loads``,
+    if given); what ``_collect`` reads, and the load windows (Flower before, taskgate quiet,
+    taskgate firing, Flower after)."""
     engine = create_async_engine(url, poolclass=NullPool)
     try:
         started = time.monotonic()
         await _insert(engine, count)
         announce(f"schedules: {count:,} written in {time.monotonic() - started:.1f}s")
-        slot = await _resume(engine)
+        slot = await _resume(engine, MARGIN if loads is not None else LEAD_SECONDS + 12.0)
         announce(f"schedules: all due at {slot:%H:%M:%S} UTC")
-        enqueue = None if loadgen is None else await _enqueue_windows(slot, loadgen)
+        before = None if loads is None else await _enqueue_windows(slot, loads)
         await _settle(engine, count, slot)
-        return await _collect(engine), enqueue
+        if loads is None or before is None:
+            return await _collect(engine), None
+        after = await asyncio.to_thread(loads.flower, 0.5, QUIET_WINDOW)
+        return await _collect(engine), (*before, after)
     finally:
         await engine.dispose()
 
 
-def _loadgen(children: Children, target: str) -> Loadgen:
+def _loadgen(children: Children, head: list[str], log: str) -> Loadgen:
     def run(warmup: float, duration: float) -> LoadResult:
         command = [
-            sys.executable, "-m", "bench.loadgen", "--target", target, "--method", "enqueue",
-            "--concurrency", str(LOAD_CONCURRENCY), "--warmup", str(warmup), "--duration", str(duration),
+            sys.executable, "-m", *head, "--concurrency", str(LOAD_CONCURRENCY),
+            "--warmup", str(warmup), "--duration", str(duration),
         ]  # fmt: skip
-        line = children.run_json_line(
-            command, log=OUT / "loadgen-schedules.log", env=python_env(), timeout=duration + 60
-        )
-        return LoadResult.from_json(line)
+        line = children.run_json_line(command, log=OUT / log, env=python_env(), timeout=duration + 60)
+        result = LoadResult.from_json(line)
+        if result.errors:
+            announce(f"schedules: {head[0]}: {result.errors} errors, first: {result.first_error}")
+        return result
 
     return run
+
+
+def _loads(children: Children, gateway: Server, flower: Server) -> Loads:
+    enqueue = ["bench.loadgen", "--target", gateway.target, "--method", "enqueue"]
+    apply = ["bench.httpload", "--port", str(flower.port)]
+    return Loads(
+        _loadgen(children, enqueue, "loadgen-schedules.log"),
+        _loadgen(children, apply, "loadgen-schedules-flower.log"),
+    )
 
 
 def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int, load: bool = False) -> Outcome:
@@ -250,23 +285,30 @@ def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int, lo
     redis.drain_broker()
     load_before = os.getloadavg()[0]
     gateways: list[Server] = []
+    flower: Server | None = None
     try:
         for n in range(replicas):
             gateways.append(start_taskgate(children, redis.url, db.url, log_name=f"schedules-{n}.log"))
-        loadgen = _loadgen(children, gateways[0].target) if load else None
-        collected, enqueue = asyncio.run(_drive(db.url, plan.schedules, loadgen))
+        if load:
+            flower = start_flower(children, redis.url)
+        loads = _loads(children, gateways[0], flower) if flower is not None else None
+        collected, windows = asyncio.run(_drive(db.url, plan.schedules, loads))
         lags, firings, fired, duplicates, unpublished, skipped = collected
         load_after = os.getloadavg()[0]
         per_gateway = [sum(int(n) for n in _FIRES.findall(g.log.read_bytes())) for g in gateways]
         messages = redis.queue_length()
     finally:
-        for gateway in gateways:
-            children.stop(gateway.process)
+        for server in [*gateways, *([flower] if flower is not None else [])]:
+            children.stop(server.process)
         db.drop()
         redis.drain_broker()
+    enqueue = flowers = None
+    if windows is not None:
+        flower_before, quiet, firing, flower_after = windows
+        enqueue, flowers = (quiet, firing), (flower_before, flower_after)
     return Outcome(
         name, plan.schedules, lags, firings, fired, duplicates, unpublished, skipped, messages,
-        per_gateway, (load_before, load_after), enqueue,
+        per_gateway, (load_before, load_after), enqueue, flowers,
     )  # fmt: skip
 
 
@@ -281,32 +323,45 @@ def _row(outcome: Outcome) -> str:
     )
 
 
+def _div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _window(label: str, result: LoadResult) -> str:
+    return f"| {label} | {result.rate:,.0f} | {result.p50:.1f} | {result.p99:.1f} | {result.errors} |"
+
+
 def _enqueue_lines(outcome: Outcome) -> list[str]:
-    if outcome.enqueue is None:
+    if outcome.enqueue is None or outcome.flower is None:
         return []
     quiet, firing = outcome.enqueue
-    ratio = firing.rate / quiet.rate if quiet.rate else float("nan")
+    before, after = outcome.flower
+    flower = (before.rate + after.rate) / 2
     return [
         "",
-        f"Enqueue while firing ({outcome.name}; {LOAD_CONCURRENCY} calls in flight, Python load generator):",
+        f"Enqueue while firing ({outcome.name}; {LOAD_CONCURRENCY} calls in flight, Python load generators):",
         "",
-        "| window | Enqueue/s | p50 ms | p99 ms | errors |",
+        "| window | calls/s | p50 ms | p99 ms | errors |",
         "|---|---:|---:|---:|---:|",
-        f"| quiet (before the lead window, {QUIET_WINDOW:g} s) | {quiet.rate:,.0f} | {quiet.p50:.1f} "
-        f"| {quiet.p99:.1f} | {quiet.errors} |",
-        f"| firing (lead window to slot + 2 s, {LEAD_SECONDS + 2:g} s) | {firing.rate:,.0f} "
-        f"| {firing.p50:.1f} | {firing.p99:.1f} | {firing.errors} |",
+        _window(f"Flower async-apply, before the quiet window ({QUIET_WINDOW:g} s)", before),
+        _window(f"taskgate Enqueue, quiet (before the lead window, {QUIET_WINDOW:g} s)", quiet),
+        _window(f"taskgate Enqueue, firing (lead window to slot + 2 s, {LEAD_SECONDS + 2:g} s)", firing),
+        _window(f"Flower async-apply, after every firing is published ({QUIET_WINDOW:g} s)", after),
         "",
-        f"Enqueue ratio firing / quiet: {ratio:.2f} (the broker messages of that case include the "
-        "Enqueue load's tasks).",
+        f"taskgate / Flower (mean of both Flower windows, {flower:,.0f}/s): quiet "
+        f"{_div(quiet.rate, flower):.2f}, while firing {_div(firing.rate, flower):.2f}; "
+        f"firing / quiet {_div(firing.rate, quiet.rate):.2f}. The broker messages of that case include "
+        "both loads' tasks.",
     ]
 
 
 def run_schedules(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
     """Section: ``plan.schedules`` schedules due in one minute, on one gateway, then on two,
     then on one under an Enqueue load."""
-    outcomes = [_case(plan, children, redis, replicas) for replicas in (1, 2)]
-    outcomes.append(_case(plan, children, redis, 1, load=True))
+    cases = os.environ.get("BENCH_SCHEDULES_CASES", "1,2,load").split(",")
+    outcomes = [_case(plan, children, redis, int(case)) for case in cases if case in ("1", "2")]
+    if "load" in cases:
+        outcomes.append(_case(plan, children, redis, 1, load=True))
     verdict = "MET" if all(outcome.met for outcome in outcomes) else "NOT MET"
     return "\n".join(
         [
