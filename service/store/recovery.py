@@ -113,6 +113,12 @@ class RecoveryStore:
         async with self._begin() as conn:
             return {str(name) for name in (await conn.execute(query)).scalars()}
 
+    async def known_workers(self) -> set[str]:
+        """Every worker whose heartbeat was ever seen (``saw_heartbeats``): the workers a
+        decision that needs every live worker's answer must hear from."""
+        async with self._begin() as conn:
+            return {str(name) for name in (await conn.execute(sa.select(workers.c.hostname))).scalars()}
+
     async def running_on(self, worker: str, limit: int) -> list[LostCandidate]:
         """Up to ``limit`` tasks RUNNING on ``worker``."""
         query = (
@@ -131,13 +137,15 @@ class RecoveryStore:
         worker: str,
         now: dt.datetime,
         updated_before: dt.datetime | None = None,
-    ) -> int:
+    ) -> list[str]:
         """Put tasks still RUNNING on ``worker`` (and, with ``updated_before``, not updated
         since) back in the outbox, QUEUED with a fresh publish mark (due now) and no worker
-        or start; returns how many."""
+        or start; returns the ids this call changed, sorted (UPDATE … RETURNING: of two
+        replicas making the same decision, only the one whose write landed gets them, so only
+        it clears the run's leftovers)."""
         ids = list(task_ids)
         if not ids:
-            return 0
+            return []
         statement = (
             tasks.update()
             .where(_in_order(ids), tasks.c.state == _RUNNING, tasks.c.worker == worker)
@@ -150,9 +158,10 @@ class RecoveryStore:
                 publish_after=now,
                 publish_time=None,
             )
+            .returning(tasks.c.task_id)
         )
         async with self._begin() as conn:
-            return int((await conn.execute(statement)).rowcount)
+            return sorted(str(task_id) for task_id in (await conn.execute(statement)).scalars())
 
     async def fail(
         self,

@@ -75,6 +75,7 @@ class RecoveryStorePort(Protocol):
 
     async def running_workers(self) -> set[str]: ...
     async def saw_heartbeats(self, hostnames: Collection[str], now: dt.datetime) -> None: ...
+    async def known_workers(self) -> set[str]: ...
     async def watched(self, hostnames: Collection[str]) -> set[str]: ...
     async def running_on(self, worker: str, limit: int) -> list[LostCandidate]: ...
     async def requeue(
@@ -83,7 +84,7 @@ class RecoveryStorePort(Protocol):
         worker: str,
         now: dt.datetime,
         updated_before: dt.datetime | None = None,
-    ) -> int: ...
+    ) -> list[str]: ...
     async def fail(
         self,
         task_ids: Iterable[str],
@@ -123,7 +124,6 @@ class BrokerPort(Protocol):
 
     async def held(self, queues: Iterable[str], wanted: Collection[str]) -> set[str] | None: ...
     async def taken(self, wanted: Collection[str], before: float) -> dict[str, Taken] | None: ...
-    async def holders(self, task_ids: Collection[str]) -> set[str] | None: ...
     async def answers(self, task_ids: Collection[str]) -> dict[str, set[str]] | None: ...
     async def restore(self, taken: Taken, queue: str) -> bool: ...
     async def aclose(self) -> None: ...
@@ -201,10 +201,15 @@ class Recovery:
         rerun = [task.task_id for task in tasks if self._catalog.acks_late(task.task_name)]
         ended = [task.task_id for task in tasks if not self._catalog.acks_late(task.task_name)]
         if rerun:
-            await self._results.forget(rerun)
-            count = await self._store.requeue(rerun, worker, now)
+            # requeue first: of two replicas deciding the same, only the one whose write
+            # changed the row forgets the dead run's document
+            changed = await self._store.requeue(rerun, worker, now)
+            await self._results.forget(changed)
             log.warning(
-                "recovery: worker %s lost; %d task(s) republished: %s", worker, count, " ".join(rerun)
+                "recovery: worker %s lost; %d task(s) republished: %s",
+                worker,
+                len(changed),
+                " ".join(changed),
             )
         if ended:
             error = TaskError(WORKER_LOST, f"worker {worker} stopped heartbeating while running the task")
@@ -232,8 +237,11 @@ class Recovery:
         await self.orphaned(ids & held, queues, now)
         missing = ids - held
         confirmed = sorted(missing & self._suspects)
+        running = await self._live_holders(confirmed, set()) if confirmed else set()
+        if running is None:  # a live worker did not answer: keep them suspects, decide later
+            self._suspects = missing
+            return []
         self._suspects = missing - set(confirmed)
-        running = await self._broker.holders(confirmed) if confirmed else None
         if running:
             log.warning(
                 "recovery: %d task(s) the broker lost are running on a live worker; not republished: %s",
@@ -257,8 +265,9 @@ class Recovery:
         taken = await self._broker.taken(ids, before) if ids else {}
         if taken is None:
             return []
-        holding = await self._broker.holders(taken) if taken else set()
+        holding = await self._live_holders(taken, None) if taken else set()
         if holding is None:
+            self._orphans = set()  # two passes in a row, each with every live worker's answer
             return []
         orphans = set(taken) - holding
         confirmed = sorted(orphans & self._orphans)
@@ -273,6 +282,26 @@ class Recovery:
                 " ".join(restored),
             )
         return restored
+
+    async def _live_holders(self, task_ids: Collection[str], cannot_ask: set[str] | None) -> set[str] | None:
+        """Those of ``task_ids`` a live worker holds, as ``query_task`` answers say; None
+        when that is not known: a worker with a fresh heartbeat did not answer (loaded, main
+        loop stalled), so nobody's silence may be read as "not held" this pass.
+        ``cannot_ask`` when the inspector cannot ask (no Celery app)."""
+        assert self._broker is not None
+        answers = await self._broker.answers(task_ids)
+        if answers is None:
+            return cannot_ask
+        live = await self._results.alive(await self._store.known_workers())
+        silent = sorted(live - set(answers))
+        if silent:
+            log.debug(
+                "recovery: live worker(s) %s did not answer query_task; nothing decided for %d task(s)",
+                " ".join(silent),
+                len(task_ids),
+            )
+            return None
+        return set().union(*answers.values())
 
     async def lost_runs(self, now: dt.datetime) -> list[str]:
         """Settle the RUNNING tasks of live workers that no worker holds any more (see the
@@ -331,13 +360,16 @@ class Recovery:
         worker = runs[0].worker
         rerun = {run.task_id: run.retries for run in runs if self._catalog.acks_late(run.task_name)}
         if rerun:
-            await self._results.forget_runs(rerun)
-            count = await self._store.requeue(rerun, worker, now, updated_before=cutoff)
+            # requeue first, then forget only what this replica changed: another replica's
+            # later identical decision changes no row and so never deletes the claim of the
+            # re-run its twin already published
+            changed = await self._store.requeue(rerun, worker, now, updated_before=cutoff)
+            await self._results.forget_runs({task_id: rerun[task_id] for task_id in changed})
             log.warning(
                 "recovery: %d task(s) worker %s no longer holds, no result stored, republished: %s",
-                count,
+                len(changed),
                 worker,
-                " ".join(sorted(rerun)),
+                " ".join(changed),
             )
         error = TaskError(
             WORKER_LOST, f"worker {worker} no longer holds the task and no result was stored for it"

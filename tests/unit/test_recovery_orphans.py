@@ -46,12 +46,12 @@ class FakeStore:
         worker: str,
         now: dt.datetime,
         updated_before: dt.datetime | None = None,
-    ) -> int:
+    ) -> list[str]:
         changed = [task_id for task_id in task_ids if self._still(task_id, worker, updated_before)]
         for task_id in changed:
             self.states[task_id] = TaskState.QUEUED
         self.requeued += changed
-        return len(changed)
+        return sorted(changed)
 
     async def fail(
         self,
@@ -320,6 +320,9 @@ class WaitingStore:
     ) -> int:
         self.republished += list(task_ids)
         return len(self.republished)
+
+    async def known_workers(self) -> set[str]:
+        return {NODE}
 
 
 class EmptyBroker(FakeBroker):

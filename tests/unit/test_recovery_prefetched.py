@@ -12,6 +12,8 @@ from service.domain.catalog import Catalog
 from service.usecases.recovery import Recovery, RecoverySettings
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+#: the live worker (heartbeating, known to the workers table)
+LIVE = "celery@live"
 
 
 class FakeBroker:
@@ -19,8 +21,10 @@ class FakeBroker:
 
     def __init__(self, taken: dict[str, float], holding: set[str] | None = None) -> None:
         self.entries = {task_id: Taken(f"tag-{task_id}", b"[]", when) for task_id, when in taken.items()}
-        #: what the live workers answer; None: no answer could be had
+        #: what the live worker holds; None: no answer could be had at all
         self.holding: set[str] | None = set() if holding is None else holding
+        #: the workers that answer in time
+        self.answering = {LIVE}
         self.restored: list[tuple[str, str]] = []
         self.asked: list[set[str]] = []
 
@@ -30,9 +34,11 @@ class FakeBroker:
     async def taken(self, wanted: Collection[str], before: float) -> dict[str, Taken] | None:
         return {tid: t for tid, t in self.entries.items() if tid in wanted and t.taken_at < before}
 
-    async def holders(self, task_ids: Collection[str]) -> set[str] | None:
+    async def answers(self, task_ids: Collection[str]) -> dict[str, set[str]] | None:
         self.asked.append(set(task_ids))
-        return None if self.holding is None else set(task_ids) & self.holding
+        if self.holding is None:
+            return None
+        return {node: set(task_ids) & self.holding for node in self.answering}
 
     async def restore(self, taken: Taken, queue: str) -> bool:
         task_id = taken.tag.removeprefix("tag-")
@@ -45,9 +51,23 @@ class FakeBroker:
         pass
 
 
-def recovery(broker: FakeBroker) -> Recovery:
-    unused: Any = object()
-    return Recovery(unused, unused, broker, Catalog({}), RecoverySettings(interval=1, lost_after=30))
+class FakeWorkers:
+    """The workers table (``known_workers``) and their heartbeats (``alive``)."""
+
+    def __init__(self) -> None:
+        self.known = {LIVE, "celery@dead"}
+        self.heartbeating = {LIVE}
+
+    async def known_workers(self) -> set[str]:
+        return set(self.known)
+
+    async def alive(self, hostnames: Collection[str]) -> set[str]:
+        return set(hostnames) & self.heartbeating
+
+
+def recovery(broker: FakeBroker, workers: FakeWorkers | None = None) -> Recovery:
+    fake: Any = workers or FakeWorkers()
+    return Recovery(fake, fake, broker, Catalog({}), RecoverySettings(interval=1, lost_after=30))
 
 
 def ago(seconds: float) -> float:
@@ -93,3 +113,34 @@ async def test_no_answer_about_the_workers_decides_nothing() -> None:
     for _ in range(3):
         assert await rec.orphaned({"old"}, QUEUES, NOW) == []
     assert broker.restored == []
+
+
+async def test_nobody_answering_is_not_nobody_holding() -> None:
+    """The live worker holds the message but does not answer within the broadcast's
+    timeout (loaded): its silence decides nothing, on any number of passes."""
+    broker = FakeBroker({"old": ago(600)}, holding={"old"})
+    broker.answering = set()  # answers {}
+    rec = recovery(broker)
+    for _ in range(4):
+        assert await rec.orphaned({"old"}, QUEUES, NOW) == []
+    assert broker.restored == []
+
+
+async def test_a_silent_pass_restarts_the_count() -> None:
+    broker = FakeBroker({"old": ago(600)})
+    rec = recovery(broker)
+    assert await rec.orphaned({"old"}, QUEUES, NOW) == []  # a suspect
+    broker.answering = set()
+    assert await rec.orphaned({"old"}, QUEUES, NOW) == []  # nothing decided, suspicion dropped
+    broker.answering = {LIVE}
+    assert await rec.orphaned({"old"}, QUEUES, NOW) == []
+    assert await rec.orphaned({"old"}, QUEUES, NOW) == ["old"]
+
+
+async def test_a_dead_workers_silence_does_not_hold_anything_up() -> None:
+    """Only workers with a fresh heartbeat must answer: the dead one (in the workers table,
+    heartbeat expired) that took the message is not waited for."""
+    broker = FakeBroker({"old": ago(600)})
+    workers = FakeWorkers()
+    rec = recovery(broker, workers)
+    assert [await rec.orphaned({"old"}, QUEUES, NOW) for _ in range(2)] == [[], ["old"]]
