@@ -33,6 +33,7 @@ message acked or restored meanwhile is left alone), setting ``redelivered`` as k
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator
@@ -42,6 +43,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from service.broker.publisher import send_only_app
@@ -58,6 +60,15 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 #: Seconds the live workers get to answer ``query_task``.
 HOLDERS_TIMEOUT = 1.0
+#: Seconds one ``query_task`` broadcast may take in all (connect, publish, collect) before
+#: the broker counts as unreachable. kombu's pidbox publishes with ``retry=True`` and no
+#: retry limit (no policy can be passed through ``Control.broadcast``), so during an outage
+#: the call can block its thread until the broker returns: it runs on the inspector's own
+#: thread, bounded here, and the next question is refused while it is still stuck.
+QUERY_TIMEOUT = HOLDERS_TIMEOUT + 5
+#: What a Celery control call raises when the broker is unreachable (kombu wraps the
+#: transport's errors in its ``OperationalError``).
+_QUERY_ERRORS = (OperationalError, OSError, ConnectionError, RedisError)
 #: Put an unacked message back on its list if its entry is still the one read:
 #: KEYS unacked hash, unacked index, list; ARGV tag, entry read, message to push.
 _RESTORE = """
@@ -163,6 +174,10 @@ class BrokerInspector:
         self._chunk = chunk
         self._budget = budget
         self._restore = client.register_script(_RESTORE)
+        #: the thread ``query_task`` broadcasts run on (never the loop's default executor:
+        #: a broadcast stuck in kombu's retries must not hold up shutdown)
+        self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskgate-inspect")
+        self._asking: concurrent.futures.Future[dict[str, set[str]]] | None = None
 
     @classmethod
     def from_settings(cls, settings: CelerySettings) -> BrokerInspector | None:
@@ -300,13 +315,19 @@ class BrokerInspector:
             return None
         if not task_ids:
             return {}
-        return await asyncio.to_thread(self._query, sorted(task_ids))
+        if self._asking is not None and not self._asking.done():
+            raise BrokerUnavailable("broker unreachable: the previous query_task broadcast is still stuck")
+        self._asking = self._control.submit(self._query, sorted(task_ids))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._asking), QUERY_TIMEOUT)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"broker unreachable: query_task took over {QUERY_TIMEOUT} s") from exc
 
     def _query(self, task_ids: list[str]) -> dict[str, set[str]]:
         assert self._app is not None
         try:
             replies = self._app.control.inspect(timeout=HOLDERS_TIMEOUT).query_task(*task_ids) or {}
-        except (OSError, ConnectionError, RedisError) as exc:
+        except _QUERY_ERRORS as exc:
             raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
         return {
             str(node): {str(task_id) for task_id in held} if isinstance(held, dict) else set()
@@ -334,9 +355,13 @@ class BrokerInspector:
             return bool(await self._restore(keys=keys, args=[taken.tag, taken.entry, message]))
 
     async def aclose(self) -> None:
-        """Release the connection (and the Celery app's, on a thread: kombu closes synchronously)."""
+        """Release the connection (and the Celery app's, on a thread: kombu closes
+        synchronously). A broadcast still stuck in kombu's retries is abandoned, not waited
+        for (its thread ends when the broker answers or the process exits)."""
         await self._client.aclose(close_connection_pool=True)
-        if self._app is not None:
+        stuck = self._asking is not None and not self._asking.done()
+        self._control.shutdown(wait=False, cancel_futures=True)
+        if self._app is not None and not stuck:
             await asyncio.to_thread(self._app.close)
 
 
