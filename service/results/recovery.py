@@ -4,8 +4,9 @@
   alive (SET with a TTL, refreshed every ``TASKGATE_WORKER_HEARTBEAT`` seconds); ``alive``
   says which of some workers' keys exist.
 - A run lost with its worker left a STARTED (or PROGRESS) document behind: ``forget``
-  deletes it before the task is republished, so that a reconcile does not read the dead
-  run back over the new one.
+  (``forget_runs``, with the run claim) deletes it once the gateway's conditional requeue
+  changed the row, so that a reconcile does not read the dead run back over the new one
+  and the re-run is not skipped; a replica whose requeue changed nothing deletes nothing.
 - A task that ends FAILED ``WorkerLost`` gets the FAILURE document its worker would have
   written (SETEX and PUBLISH, as Celery's backend does): open streams end, other
   replicas and later reconciles read the same truth.

@@ -29,10 +29,10 @@ would restore it only after the visibility timeout (an hour by default). A waiti
 above whose message was taken more than ``lost_after`` seconds ago and that no live worker
 holds (Celery's ``query_task`` broadcast: reserved, scheduled or active), on two
 consecutive passes, has its message moved back to the head of its queue (compare-and-move,
-atomic; see ``service.broker.inspect``). A live worker that did not answer in time keeps its
-copy: the task is then delivered twice and the run-once guard lets only one delivery run.
-A lost message is not republished while a live worker says it holds the task (its STARTED
-went with Redis: it runs, and would run twice).
+atomic; see ``service.broker.inspect``). Decided only on passes where every worker with a
+fresh heartbeat answered: silence is not "not held". A lost message is not republished
+while a live worker says it holds the task (its STARTED went with Redis: it runs, and would
+run twice), nor while a live worker is silent.
 
 **Runs no live worker holds** (Redis broker only). A task RUNNING on a worker whose
 heartbeat is fine, with no update for ``lost_after`` seconds, that its worker answers
