@@ -290,6 +290,20 @@ class ScheduleStore:
             await self._advance(conn, firings, inserted)
         return len(rows), [new.delivery for new in news if new.task_id in inserted]
 
+    async def due_counts(
+        self, edge: dt.datetime, horizon: dt.datetime
+    ) -> tuple[int, int, dt.datetime | None]:
+        """What is waiting to be decided by ``horizon`` (unpaused): how many schedules are due
+        by ``edge``, how many after it, and the earliest of those after it (None: none)."""
+        slot = schedules.c.next_run_time
+        later = sa.type_coerce(sa.func.min(sa.case((slot > edge, slot))), UTCDateTime)
+        query = sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((slot <= edge, 1), else_=0)), 0), sa.func.count(), later
+        ).where(schedules.c.paused.is_(False), slot.isnot(None), slot <= horizon)
+        async with transaction(self._engine) as conn:
+            urgent, total, earliest = (await conn.execute(query)).one()
+        return int(urgent), int(total) - int(urgent), earliest
+
     async def release(self, task_ids: Sequence[str]) -> None:
         """Leave decided-ahead tasks to the outbox relay at their run time (this process will
         not publish them: it is stopping); those published already are left alone."""

@@ -1,4 +1,5 @@
-"""Decided-ahead firings waiting in memory for their slot (``service.usecases.schedules``).
+"""Decided-ahead firings waiting in memory for their slot (``service.usecases.schedules``),
+and the pace at which slots are decided ahead (``paced_limit``).
 
 The tasks are recorded already, with a publish lease past their slot; ``Hold`` hands each
 slot's deliveries to the outbox's fast path when the slot comes. Nothing here is durable:
@@ -9,9 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 from collections.abc import Callable, Sequence
 
 from service.domain.model import Delivery
+
+#: Slots are decided ahead at a pace that ends this long before them; a slot closer than
+#: this is decided at once (with whatever else is due), unpaced.
+RESERVE = dt.timedelta(seconds=3)
+
+
+def paced_limit(
+    urgent: int, ahead: int, earliest: dt.datetime | None, now: dt.datetime, tick: float, batch: int
+) -> int:
+    """How many schedules one firing round (every ``tick`` seconds) claims: all ``urgent``
+    ones (due within ``RESERVE``), and of the ``ahead`` ones due later in the lead an even
+    share, ``ahead * tick / seconds left`` until ``RESERVE`` before the earliest of them:
+    they are all decided by then (a floor: the share only grows as the slot nears), spread
+    over the lead window instead of in one burst at its start. At most ``batch``.
+    """
+    if earliest is None or ahead == 0:
+        return min(batch, urgent)
+    left = (earliest - RESERVE - now).total_seconds()
+    share = ahead if left <= tick else math.ceil(ahead * tick / left)
+    return min(batch, urgent + share)
 
 
 class Hold:

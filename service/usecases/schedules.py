@@ -6,10 +6,10 @@ Every firing is an ordinary task (recorded, then published through the outbox) w
 schedule and the slot (``domain.schedule.request_id_of``): any number of replicas firing
 the same slot record one task.
 
-Slots are decided up to ``lead`` (``LEAD``, 20 s) ahead: the task is recorded then (QUEUED, its
-``run_time`` the slot) and held in memory until the slot, when it goes to the outbox's fast
-path. So the work at the slot is only the publish: thousands of schedules sharing a minute
-are published within a second of it instead of queueing behind each other's inserts.
+Slots are decided up to ``lead`` (``LEAD``, 60 s) ahead, paced evenly over it (``paced_limit``):
+the task is recorded then (QUEUED, its ``run_time`` the slot) and held in memory until the
+slot, when it goes to the outbox's fast path. So the work at the slot is only the publish,
+and the work before it is spread thin enough not to starve Enqueue.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from service.runtime.schedule_tracing import firing_headers
 from service.store.rows import NewTask
 from service.store.schedules import Firing, ScheduleStore
 from service.usecases.control import Control
-from service.usecases.schedule_hold import Hold
+from service.usecases.schedule_hold import RESERVE, Hold, paced_limit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ WRITABLE = frozenset(
 )
 _TIMING = frozenset({"cron", "interval", "spec"})
 #: How far ahead of its slot a firing is decided and recorded (then published at the slot).
-LEAD = dt.timedelta(seconds=20)
+LEAD = dt.timedelta(seconds=60)
 #: Templates whose firing digest is remembered (see ``_fingerprint``).
 DIGESTS = 32_768
 
@@ -103,8 +103,7 @@ class Schedules:
         self._poll = poll_interval
         self._lead = lead
         self._hold = Hold(outbox.submit_many)
-        #: id(template) → (template, digest): the store hands out one template object per
-        #: distinct template, so a schedule's digest is computed once, not every slot
+        #: id(template) → (template, digest): one template object per distinct template (store)
         self._digests: dict[int, tuple[TaskTemplate, str]] = {}
 
     # --- CRUD ---------------------------------------------------------------------------
@@ -217,7 +216,7 @@ class Schedules:
             return  # the last firing's slot has come: it is an ordinary task now
         reason = f"schedule {schedule.schedule_id!r} was {why} before this slot"
         await self._control.cancel(schedule.last_task_id, reason=reason)
-        log.info("task_id=%s schedule_id=%s: slot decided ahead withdrawn (%s)", schedule.last_task_id,
+        log.info("task_id=%s schedule_id=%s: decided slot withdrawn (%s)", schedule.last_task_id,
                  schedule.schedule_id, why)  # fmt: skip
 
     async def trigger(self, schedule_id: str, caller: Caller = OPEN) -> str:
@@ -244,15 +243,19 @@ class Schedules:
     # --- firing -------------------------------------------------------------------------
 
     async def step(self) -> float:
-        """One firing round (the ``schedules`` loop): fire what is due or due within the
-        lead, hand it to the outbox (now, or at its slot).
+        """One firing round (the ``schedules`` loop): fire what is due, and a paced share of
+        what is due within the lead; hand it to the outbox (now, or at its slot).
 
         Returns:
             0 when a full batch was claimed (more may be due), else the poll interval.
         """
         await self._outbox.room()
         now = dt.datetime.now(dt.UTC)
-        claimed, deliveries = await self._store.fire_due(now, self._batch, self._decide, now + self._lead)
+        urgent, ahead, earliest = await self._store.due_counts(now + RESERVE, now + self._lead)
+        limit = paced_limit(urgent, ahead, earliest, now, self._poll, self._batch)
+        if not limit:
+            return self._poll
+        claimed, deliveries = await self._store.fire_due(now, limit, self._decide, now + self._lead)
         if deliveries:
             self._hold.hand_over(deliveries)
             log.info("schedules: %d task(s) fired, %d due schedule(s) claimed", len(deliveries), claimed)
@@ -292,15 +295,8 @@ class Schedules:
         log.debug("task_id=%s schedule_id=%s fires slot %s", new.task_id, schedule.schedule_id, decided.fire)
         return Firing(decided, new)
 
-    def _new_task(
-        self,
-        schedule: Schedule,
-        now: dt.datetime,
-        run_time: dt.datetime,
-        request_id: str,
-        trace: dict[str, str] | None,
-        task_id: str = "",
-    ) -> NewTask:
+    def _new_task(self, schedule: Schedule, now: dt.datetime, run_time: dt.datetime, request_id: str,
+                  trace: dict[str, str] | None, task_id: str = "") -> NewTask:  # fmt: skip
         """The task of one firing at ``run_time``, recorded ``now``."""
         spec: TaskSpec = schedule.task.spec(run_time, request_id)
         delivery = Delivery(
