@@ -206,6 +206,7 @@ class Runtime:
             self.chord_writer,
             self.gateway.control,
             max_tasks=settings.max_batch,
+            hub=self.hub,
         )
         self.loops.start("workflows", self.workflows.step, backoff=Backoff(first=0.5))
 

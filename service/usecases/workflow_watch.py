@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from service.domain.errors import LimitExceeded, ShuttingDown
 from service.domain.model import TaskRecord, TaskState, TaskUpdate, apply_update
@@ -72,12 +72,6 @@ class View(Protocol):
 
 
 V = TypeVar("V", bound=View)
-
-
-def hub_of(control: Any) -> SubscriptionPort | None:
-    """The hub the control use cases hold, for a ``Workflows`` built without one."""
-    hub = getattr(control, "_hub", None)
-    return hub if hasattr(hub, "register_many") else None
 
 
 class Wakeups:

@@ -54,7 +54,7 @@ from service.runtime import tracing
 from service.store.rows import NewTask
 from service.store.workflows import WorkflowStore
 from service.usecases.control import Control
-from service.usecases.workflow_watch import SubscriptionPort, Wakeups, follow, hub_of
+from service.usecases.workflow_watch import SubscriptionPort, Wakeups, follow
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ class Workflows:
         self._writer = writer
         self._control = control
         self._max_tasks = max_tasks
-        #: the shared subscription the streams wait on (default: the control use cases')
-        self._hub = hub if hub is not None else hub_of(control)
+        #: the shared subscription the streams wait on (None: they poll the version query)
+        self._hub = hub
         self._wakeups = Wakeups()
         self._last_pass: dt.datetime | None = None
         self._next_sweep = 0.0
