@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -13,6 +19,34 @@ from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
 
 TERMINAL = (pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def worker_group(
+    env: dict[str, str], log_path: Path, *options: str, graceful: bool = False
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A demo Celery worker (thread pool; ``options`` add to or override nothing else) in a
+    process group of its own, logging to ``log_path``; SIGKILLed at the end, or SIGTERM with
+    15 s to finish when ``graceful``."""
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "threads", *options,
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+    ]  # fmt: skip
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            try:
+                process.wait(15 if graceful else None)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def args(*values: Any) -> struct_pb2.ListValue:

@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,7 +25,8 @@ from service.app import Runtime
 from service.config import Settings
 from service.domain.model import TaskRecord, TaskSpec, TaskState
 from service.store.tables import workers
-from tests.conftest import ROOT, child_env
+from tests.conftest import child_env
+from tests.helpers import worker_group
 
 #: Seconds any one wait of these tests may take (far above what they need).
 WAIT = 60.0
@@ -43,22 +43,9 @@ def private_worker(
     settings: Settings, log_path: Path, node: str, queue: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A worker consuming only ``queue``, in its own process group, heartbeating every second."""
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "threads", "-c", "2",
-        "-n", node, "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-l", "INFO",
-    ]  # fmt: skip
     env = child_env(settings, TASKGATE_WORKER_HEARTBEAT="1")
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    with worker_group(env, log_path, "-c", "2", "-n", node, "-Q", queue) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def kill_group(process: subprocess.Popen[bytes]) -> None:

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +25,8 @@ from service.app import Runtime
 from service.broker.inspect import BrokerInspector
 from service.config import Settings
 from service.domain.model import TaskState
-from tests.conftest import ROOT, child_env
+from tests.conftest import child_env
+from tests.helpers import worker_group
 from tests.integration.test_recovery import enqueue, fast, gateway, kill_group, wait_for, watched
 
 #: Seconds any one wait may take (far above what the tests need).
@@ -40,22 +38,10 @@ PREFETCHED = 8
 @contextmanager
 def worker(settings: Settings, log_path: Path, node: str, queue: str) -> Iterator[subprocess.Popen[bytes]]:
     """A worker on ``queue`` with one thread and a prefetch of nine, in its own process group."""
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "threads", "-c", "1",
-        "--prefetch-multiplier", str(PREFETCHED + 1), "-n", node, "-Q", queue,
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
-    ]  # fmt: skip
     env = child_env(settings, TASKGATE_WORKER_HEARTBEAT="1")
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    options = ("-c", "1", "--prefetch-multiplier", str(PREFETCHED + 1), "-n", node, "-Q", queue)
+    with worker_group(env, log_path, *options) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def unacked_ids(client: redis.Redis, settings: Settings) -> str:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,8 +26,8 @@ from grpc import aio
 from service.config import Settings
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, child_env
-from tests.helpers import enqueue
+from tests.conftest import child_env
+from tests.helpers import enqueue, worker_group
 from tests.integration.test_outbox import PrivateRedis
 from tests.integration.test_worker_faults import private_database
 from tests.processes import gateway_process
@@ -84,26 +82,10 @@ def kill_and_restart_empty(server: PrivateRedis) -> None:
 @contextmanager
 def worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A worker with four threads (prefetch 16) in a process group of its own."""
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker", "-P", "threads", "-c", "4",
-        "-n", f"empty-{uuid.uuid4().hex[:6]}@restart",
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
-    ]  # fmt: skip
     env = child_env(settings, TASKGATE_WORKER_HEARTBEAT="1")
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    node = f"empty-{uuid.uuid4().hex[:6]}@restart"
+    with worker_group(env, log_path, "-c", "4", "-n", node, graceful=True) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 async def states(stub: pb_grpc.TaskServiceStub, ids: list[str]) -> dict[str, pb.Task]:
