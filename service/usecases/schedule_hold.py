@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from service.domain.model import Delivery
@@ -18,6 +19,8 @@ from service.domain.model import Delivery
 #: Slots are decided ahead at a pace that ends this long before them; a slot closer than
 #: this is decided at once (with whatever else is due), unpaced.
 RESERVE = dt.timedelta(seconds=3)
+#: The longest round interval the pace assumes, in seconds.
+MAX_TICK = 2.0
 
 
 def paced_limit(
@@ -34,6 +37,25 @@ def paced_limit(
     left = (earliest - RESERVE - now).total_seconds()
     share = ahead if left <= tick else math.ceil(ahead * tick / left)
     return min(batch, urgent + share)
+
+
+class Pace:
+    """``paced_limit`` at the rounds' real interval: on a loaded machine a round takes a
+    while and the next one comes later than the poll interval, so a share sized for the
+    poll interval alone would fall behind and leave a burst for the last seconds."""
+
+    def __init__(self, poll: float) -> None:
+        self._poll = poll
+        self._last = -math.inf
+
+    def limit(
+        self, urgent: int, ahead: int, earliest: dt.datetime | None, now: dt.datetime, batch: int
+    ) -> int:
+        """``paced_limit`` for this round, its tick the time since the previous round began."""
+        started = time.monotonic()
+        tick = min(max(self._poll, started - self._last), MAX_TICK)
+        self._last = started
+        return paced_limit(urgent, ahead, earliest, now, tick, batch)
 
 
 class Hold:

@@ -43,7 +43,7 @@ from service.runtime.schedule_tracing import firing_headers
 from service.store.rows import NewTask
 from service.store.schedules import Firing, ScheduleStore
 from service.usecases.control import Control
-from service.usecases.schedule_hold import RESERVE, Hold, paced_limit
+from service.usecases.schedule_hold import RESERVE, Hold, Pace
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Schedules:
         self._poll = poll_interval
         self._lead = lead
         self._hold = Hold(outbox.submit_many)
+        self._pace = Pace(poll_interval)
         #: id(template) → (template, digest): one template object per distinct template (store)
         self._digests: dict[int, tuple[TaskTemplate, str]] = {}
 
@@ -252,7 +253,7 @@ class Schedules:
         await self._outbox.room()
         now = dt.datetime.now(dt.UTC)
         urgent, ahead, earliest = await self._store.due_counts(now + RESERVE, now + self._lead)
-        limit = paced_limit(urgent, ahead, earliest, now, self._poll, self._batch)
+        limit = self._pace.limit(urgent, ahead, earliest, now, self._batch)
         if not limit:
             return self._poll
         claimed, deliveries = await self._store.fire_due(now, limit, self._decide, now + self._lead)
@@ -267,9 +268,8 @@ class Schedules:
         return len(self._hold)
 
     async def release(self) -> None:
-        """Stop holding decided-ahead tasks: the outbox relay of any replica publishes them
-        at their slot instead (call when the gateway stops; a crash leaves them to the relay
-        a publish lease after their slot)."""
+        """Stop holding decided-ahead tasks: any replica's outbox relay publishes them at their
+        slot (call when stopping; a crash leaves them to the relay a lease after the slot)."""
         held = self._hold.take_all()
         await self._store.release(held)
         if held:
