@@ -49,7 +49,7 @@ from sqlalchemy.pool import NullPool
 
 from bench.drive import LoadResult, percentile
 from bench.flower import start_flower
-from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, python_env
+from bench.infra import OUT, Children, PrivateDatabase, PrivateRedis, announce, cpu_seconds, python_env
 from bench.plan import Plan
 from bench.servers import Server, start_taskgate
 from service.domain.schedule import Schedule, TaskTemplate, Timing
@@ -97,6 +97,9 @@ class Outcome:
     enqueue: tuple[LoadResult, LoadResult] | None = None
     #: the Enqueue load case: Flower's async-apply before the quiet window and after the firings
     flower: tuple[LoadResult, LoadResult] | None = None
+    #: CPU seconds of the gateways from the schedules' insert until every firing was published
+    #: (with the load case: the Enqueue load's work included)
+    gateway_cpu: float = float("nan")
 
     @property
     def met(self) -> bool:
@@ -292,7 +295,9 @@ def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int, lo
         if load:
             flower = start_flower(children, redis.url)
         loads = _loads(children, gateways[0], flower) if flower is not None else None
+        cpu_before = sum(cpu_seconds(g.process.pid) for g in gateways)
         collected, windows = asyncio.run(_drive(db.url, plan.schedules, loads))
+        gateway_cpu = sum(cpu_seconds(g.process.pid) for g in gateways) - cpu_before
         lags, firings, fired, duplicates, unpublished, skipped = collected
         load_after = os.getloadavg()[0]
         per_gateway = [sum(int(n) for n in _FIRES.findall(g.log.read_bytes())) for g in gateways]
@@ -308,7 +313,7 @@ def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int, lo
         enqueue, flowers = (quiet, firing), (flower_before, flower_after)
     return Outcome(
         name, plan.schedules, lags, firings, fired, duplicates, unpublished, skipped, messages,
-        per_gateway, (load_before, load_after), enqueue, flowers,
+        per_gateway, (load_before, load_after), enqueue, flowers, gateway_cpu,
     )  # fmt: skip
 
 
@@ -318,7 +323,7 @@ def _row(outcome: Outcome) -> str:
         f"| {outcome.name} | {outcome.firings:,} / {outcome.schedules:,} | {outcome.duplicates} "
         f"| {percentile(lags, 50):.2f} | {percentile(lags, 99):.2f} | {max(lags, default=float('nan')):.2f} "
         f"| {outcome.unpublished} | {outcome.skipped} | {outcome.messages:,} "
-        f"| {' + '.join(f'{n:,}' for n in outcome.per_gateway)} "
+        f"| {' + '.join(f'{n:,}' for n in outcome.per_gateway)} | {outcome.gateway_cpu:.1f} "
         f"| {outcome.load[0]:.2f} → {outcome.load[1]:.2f} | {'MET' if outcome.met else 'NOT MET'} |"
     )
 
@@ -369,8 +374,9 @@ def run_schedules(plan: Plan, children: Children, redis: PrivateRedis, db: Priva
             f"(lag = publish_time - slot, seconds; decided up to {LEAD_SECONDS:g} s ahead)",
             "",
             "| case | firings / schedules | duplicates | p50 lag | p99 lag | max lag | unpublished "
-            "| skipped slots | broker messages | fired by gateway | load avg (1 min) | target |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            "| skipped slots | broker messages | fired by gateway | gateway CPU s "
+            "| load avg (1 min) | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
             *(_row(outcome) for outcome in outcomes),
             *(line for outcome in outcomes for line in _enqueue_lines(outcome)),
             "",
