@@ -4,9 +4,12 @@ A taskgate worker (``taskgate.worker``) appends every state it stores to a Redis
 ``RedisKeys.state_feed``, as an entry ``{"id": <task_id>, "doc": <the result document>}``
 (the document it also ``SETEX``-es and ``PUBLISH``-es). The gateways of a deployment read
 that stream as one consumer group (``STATE_FEED_GROUP``); each process is one consumer,
-named ``<hostname>-<pid>``. A round reads up to ``count`` entries, writes them to the
-database (the transition rule makes a repeat harmless and never overwrites a terminal
-state) and acknowledges them (XACK) only once the write has committed. So:
+named ``<hostname>-<pid>``. A round reads up to ``count`` entries (when a read brings
+fewer, it waits ``linger`` seconds and takes what has arrived meanwhile: a trickle of
+states then costs one statement per ``linger`` rather than one per state, as with the
+recorder's flush interval), writes them to the database (the transition rule makes a
+repeat harmless and never overwrites a terminal state) and acknowledges them (XACK) only
+once the write has committed. So:
 
 - a gateway down for hours (results expiring meanwhile) finds every entry still in the
   stream, which keeps about ``STATE_FEED_MAXLEN`` of them;
@@ -19,21 +22,23 @@ state) and acknowledges them (XACK) only once the write has committed. So:
 
 Pub/sub (``hub.py``) stays the fast path for streams; the feed hands watchers the terminal
 states it writes (and every state while the subscription is down). The recorder keeps
-writing what pub/sub brings as well: it is the only path of workers without the library,
-and measured on 5,000 states the second, idempotent write cost about one more row per
-state in batched statements (a dedupe between the two paths saved 10% of the rows: they
-race, each usually mid-write when the other arrives). Redis failures are the domain's
-``ResultBackendUnavailable``.
+writing what pub/sub brings for workers without the library; for the tasks this consumer
+has read (``on_read``, wired to ``Recorder.fed``) it leaves the write to the feed. Measured
+end to end (bench/feed.py: a real prefork worker, 50 to 200 states/s), writing every state
+twice, each feed read at once, took 1.9-2.5x the commits and 2.4-2.7x the PostgreSQL CPU
+per task of the feed off; with ``linger`` and ``Recorder.fed``, 0.8-1.2x both. Redis
+failures are the domain's ``ResultBackendUnavailable``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -77,7 +82,9 @@ class StateFeed:
         count: int = 500,
         block: float = 1.0,
         claim_idle: float = 60.0,
+        linger: float = 0.05,
         adoption: AdoptionStore | None = None,
+        on_read: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         """A consumer of ``stream`` (not connected until the first ``step``).
 
@@ -92,10 +99,17 @@ class StateFeed:
             block: Seconds a read waits for new entries.
             claim_idle: Seconds an entry read by another consumer may stay unacknowledged
                 before this one takes it over; also half the time between two takeovers.
+            linger: Seconds to wait for more entries after a read that brought fewer than
+                ``count`` (0: write each read at once: about one statement per state
+                at a trickle of states).
             adoption: Inserts rows for tasks sent around the gateway before each write
                 (``TASKGATE_ADOPT_FOREIGN``); None: off.
+            on_read: Called with the ids of the tasks of each round's entries before they
+                are written (``Recorder.fed``: their pub/sub updates are then not written
+                a second time); None: nobody.
         """
         self._adoption = adoption
+        self._on_read = on_read
         self._redis = aioredis.Redis.from_url(
             redis_url,
             socket_keepalive=True,
@@ -109,6 +123,7 @@ class StateFeed:
         self._group = group
         self.consumer = consumer or consumer_name()
         self._count = count
+        self._linger = linger
         self._block_ms = max(int(block * 1000), 1)
         self._claim_idle_ms = max(int(claim_idle * 1000), 1)
         self._claim_every = claim_idle / 2
@@ -149,7 +164,15 @@ class StateFeed:
             if entries:
                 return entries
             self._backlog = False
-        return await self._read(">")
+        return await self._read_new()
+
+    async def _read_new(self) -> list[Entry]:
+        """New entries: wait for some, then (``linger``) for more, up to ``count``."""
+        entries = await self._read(">")
+        if entries and len(entries) < self._count and self._linger > 0:
+            await asyncio.sleep(self._linger)
+            entries += await self._read(">", count=self._count - len(entries), wait=False)
+        return entries
 
     async def _create_group(self) -> None:
         """Create the group (and the stream), reading from the stream's first entry:
@@ -162,13 +185,14 @@ class StateFeed:
                 raise
         self._group_ready = True
 
-    async def _read(self, start: str) -> list[Entry]:
-        """XREADGROUP from ``start`` (``>``: new entries, waiting up to ``block``; ``0``: this
-        consumer's pending ones)."""
-        block = self._block_ms if start == ">" else None
+    async def _read(self, start: str, *, count: int | None = None, wait: bool = True) -> list[Entry]:
+        """XREADGROUP from ``start`` (``>``: new entries, waiting up to ``block`` unless not
+        ``wait``; ``0``: this consumer's pending ones), at most ``count`` (default: the
+        consumer's ``count``)."""
+        block = self._block_ms if start == ">" and wait else None
         try:
             reply: Any = await self._redis.xreadgroup(
-                self._group, self.consumer, {self._stream: start}, count=self._count, block=block
+                self._group, self.consumer, {self._stream: start}, count=count or self._count, block=block
             )
         except ResponseError as exc:
             if "NOGROUP" in str(exc):  # the stream or the group is gone (Redis restarted empty)
@@ -209,6 +233,8 @@ class StateFeed:
     async def _handle(self, entries: Sequence[Entry]) -> None:
         """Write the entries' updates (one per task), then acknowledge every entry."""
         updates = self._updates(entries)
+        if self._on_read is not None and updates:
+            self._on_read(list(updates))
         written = await self._write(list(updates.values()))
         telemetry.states_written(written)
         with redis_errors():
