@@ -98,6 +98,8 @@ class Sample:
     commits_per_task: float
     #: CPU milliseconds per second of the idle gateway and worker, measured before the load
     gateway_idle_ms: float
+    #: gateway CPU per task less its idle rate over the run: the work the tasks brought
+    gateway_net_us: float
     worker_idle_ms: float
     #: seconds from the last SUCCEEDED in the database until the feed was drained
     drain_s: float
@@ -224,10 +226,12 @@ async def _measure(
         await asyncio.sleep(SETTLE)
         pg = await probe.pg_cpu() - pg
         after = (session_cpu(worker_pid), session_cpu(server.pid), cpu_seconds(redis.process.pid))
+        window = time.monotonic() - started
     finally:
         await conn.close()
     worker, gateway, redis_cpu = (a - b for a, b in zip(after, cpu, strict=True))
     per_task = 1e6 / n
+    gateway_idle = (cpu[1] - idle[1]) / IDLE
     sample = Sample(
         tasks_per_second=n / (succeeded - started),
         worker_us=worker * per_task,
@@ -236,7 +240,8 @@ async def _measure(
         pg_us=pg * per_task,
         rows_per_task=0.0,
         commits_per_task=0.0,
-        gateway_idle_ms=(cpu[1] - idle[1]) / IDLE * 1000,
+        gateway_idle_ms=gateway_idle * 1000,
+        gateway_net_us=(gateway - gateway_idle * window) * per_task,
         worker_idle_ms=(cpu[0] - idle[0]) / IDLE * 1000,
         drain_s=drained - succeeded,
     )
@@ -297,6 +302,7 @@ _COLUMNS = (
     ("tasks/s to SUCCEEDED", "tasks_per_second", "{:,.0f}"),
     ("worker CPU/task (µs)", "worker_us", "{:,.0f}"),
     ("gateway CPU/task (µs)", "gateway_us", "{:,.0f}"),
+    ("gateway CPU/task less idle (µs)", "gateway_net_us", "{:,.0f}"),
     ("Redis CPU/task (µs)", "redis_us", "{:,.0f}"),
     ("PG backends CPU/task (µs)", "pg_us", "{:,.0f}"),
     ("tasks rows updated/task", "rows_per_task", "{:.2f}"),
