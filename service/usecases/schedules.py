@@ -248,7 +248,7 @@ class Schedules:
         what is due within the lead; hand it to the outbox (now, or at its slot).
 
         Returns:
-            0 when a full batch was claimed (more may be due), else the poll interval.
+            0 when a full batch was claimed (more may be due), else the pause (``Pace``).
         """
         await self._outbox.room()
         now = dt.datetime.now(dt.UTC)
@@ -260,7 +260,7 @@ class Schedules:
         if deliveries:
             self._hold.hand_over(deliveries)
             log.info("schedules: %d task(s) fired, %d due schedule(s) claimed", len(deliveries), claimed)
-        return 0.0 if claimed >= self._batch else self._poll
+        return 0.0 if claimed >= self._batch else self._pace.pause(urgent)
 
     @property
     def held(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from service.usecases.schedule_hold import RESERVE, paced_limit
+from service.usecases.schedule_hold import PACED_POLL, RESERVE, Pace, paced_limit
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -29,3 +29,16 @@ def test_the_share_grows_as_the_slot_nears_and_never_leaves_any_for_the_reserve(
     assert paced_limit(0, 800, earliest, NOW, 0.5, 1000) == 800
     assert paced_limit(0, 800, NOW, NOW, 0.5, 1000) == 800
     assert paced_limit(0, 10_000, NOW, NOW, 0.5, 1000) == 1000
+
+
+def test_rounds_come_less_often_while_only_decisions_ahead_wait() -> None:
+    pace = Pace(0.5)
+    assert pace.pause(urgent=3) == 0.5
+    assert pace.pause(urgent=0) == PACED_POLL
+
+
+def test_the_share_is_sized_by_the_rounds_real_interval() -> None:
+    pace = Pace(0.5)
+    earliest = NOW + RESERVE + dt.timedelta(seconds=50)
+    assert pace.limit(0, 10_000, earliest, NOW, 1000) == 400  # the first round assumes MAX_TICK
+    assert pace.limit(0, 10_000, earliest, NOW, 1000) == 100  # at once: the poll interval
