@@ -18,6 +18,7 @@ from bench.amqp import run_amqp
 from bench.batch import run_batch
 from bench.dispatch_lag import run_dispatch_lag
 from bench.enqueue import contenders, report, run_rounds, samples_json
+from bench.feed import run_feed
 from bench.flower import start_flower
 from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
 from bench.listing import run_listing
@@ -105,6 +106,7 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "schedules": run_schedules,
     "operations": run_operations,
     "amqp": run_amqp,
+    "feed": run_feed,
 }
 
 
