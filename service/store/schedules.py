@@ -216,11 +216,13 @@ class ScheduleStore:
             )
         return new
 
-    async def delete(self, schedule_id: str) -> bool:
-        """Remove the schedule (its fired tasks stay). False when there was none."""
+    async def delete(self, schedule_id: str) -> Schedule | None:
+        """Remove the schedule (its fired tasks stay); returns it as it was when deleted
+        (with the slot a replica may have decided meanwhile), None when there was none."""
         async with transaction(self._engine) as conn:
-            statement = schedules.delete().where(schedules.c.schedule_id == schedule_id)
-            return bool((await conn.execute(statement)).rowcount)
+            statement = schedules.delete().where(schedules.c.schedule_id == schedule_id).returning(schedules)
+            row = (await conn.execute(statement)).mappings().first()
+        return None if row is None else schedule_of(row)
 
     async def record_trigger(self, schedule_id: str, new: NewTask) -> bool:
         """Insert a manual firing's task and note it on the schedule, in one transaction.
@@ -228,11 +230,17 @@ class ScheduleStore:
         Returns:
             False when the schedule is gone (nothing is recorded).
         """
+        # a slot decided ahead (``last_run_time`` still to come) stays the schedule's last
+        # firing: a pause or delete must still find it to withdraw it
+        ahead = schedules.c.last_run_time > new.create_time
         async with transaction(self._engine) as conn:
             changed = await conn.execute(
                 schedules.update()
                 .where(schedules.c.schedule_id == schedule_id)
-                .values(last_task_id=new.task_id, last_run_time=new.create_time)
+                .values(
+                    last_task_id=sa.case((ahead, schedules.c.last_task_id), else_=new.task_id),
+                    last_run_time=sa.case((ahead, schedules.c.last_run_time), else_=new.create_time),
+                )
             )
             if not changed.rowcount:
                 return False

@@ -200,12 +200,12 @@ class Schedules:
             PermissionDenied: another caller's schedule.
             ScheduleNotFound: no such schedule, or one the caller may not see.
         """
-        current = await self.get(schedule_id, caller)
-        self._may_change(current, caller)
-        if not await self._store.delete(schedule_id):
+        self._may_change(await self.get(schedule_id, caller), caller)
+        deleted = await self._store.delete(schedule_id)  # as it was then: a slot decided since
+        if deleted is None:
             raise _not_found(schedule_id)
         log.info("schedule_id=%s deleted by %r", schedule_id, caller.name)
-        await self._withdraw(current, dt.datetime.now(dt.UTC), "deleted")
+        await self._withdraw(deleted, dt.datetime.now(dt.UTC), "deleted")
 
     async def _withdraw(self, schedule: Schedule, now: dt.datetime, why: str) -> None:
         """Cancel the firing decided ahead for a slot still to come (``LEAD``), so a pause or

@@ -1,7 +1,8 @@
 """Deciding a slot ahead: the task is recorded before its slot (QUEUED, run_time = the slot)
 and held; at most one slot per schedule is pending; without a canceller a pause and resume
 inside the lead keeps the decided slot and resumes after it; with one (as the gateway wires
-it) a pause or a delete inside the lead withdraws the decided firing, which never runs; a
+it) a pause or a delete inside the lead withdraws the decided firing, which never runs (a
+manual trigger in between does not hide it); a
 stopping gateway leaves held tasks to the relay at their slot."""
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ async def test_a_pause_or_delete_inside_the_lead_withdraws_the_decided_slot(runt
             slot = decided.last_run_time
             assert slot is not None and slot > dt.datetime.now(dt.UTC), "decided ahead of its slot"
             if action == "pause":
+                triggered = await schedules.trigger(schedule_id)  # a manual firing meanwhile
+                assert (await schedules.get(schedule_id)).last_task_id == decided.last_task_id != triggered
                 await schedules.set_paused(schedule_id, True)
             else:
                 await schedules.delete(schedule_id)
