@@ -86,10 +86,14 @@ Decide = Callable[[Schedule, bool, dt.datetime], Firing]
 
 def schedule_of(row: RowMapping) -> Schedule:
     """The schedule of a row."""
+    return _schedule(row, Timing.from_json(dict(row["spec"])), TaskTemplate.from_json(dict(row["template"])))
+
+
+def _schedule(row: RowMapping, timing: Timing, task: TaskTemplate) -> Schedule:
     return Schedule(
         schedule_id=row["schedule_id"],
-        timing=Timing.from_json(dict(row["spec"])),
-        task=TaskTemplate.from_json(dict(row["template"])),
+        timing=timing,
+        task=task,
         caller=row["caller"],
         paused=row["paused"],
         overlap_policy=OverlapPolicy(row["overlap_policy"]),
@@ -117,22 +121,7 @@ def _template_of(text: str) -> TaskTemplate:
 
 def _claimed_schedule(row: RowMapping) -> Schedule:
     """The schedule of a claimed row (spec and template as JSON text, parsed once per text)."""
-    return Schedule(
-        schedule_id=row["schedule_id"],
-        timing=_timing_of(row["spec_text"]),
-        task=_template_of(row["template_text"]),
-        caller=row["caller"],
-        paused=row["paused"],
-        overlap_policy=OverlapPolicy(row["overlap_policy"]),
-        catchup_window=dt.timedelta(seconds=row["catchup_window"]),
-        next_run_time=row["next_run_time"],
-        last_run_time=row["last_run_time"],
-        last_task_id=row["last_task_id"] or "",
-        skipped_count=row["skipped_count"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        anchor_time=row["anchor_time"],
-    )
+    return _schedule(row, _timing_of(row["spec_text"]), _template_of(row["template_text"]))
 
 
 def row_of(schedule: Schedule) -> dict[str, Any]:

@@ -91,8 +91,12 @@ async def test_two_replicas_fire_each_slot_once(
     assert len(set(slots)) == len(slots), "a slot fired twice"
     assert slots == sorted(slots)
     assert all(later - earlier == 1000 for earlier, later in itertools.pairwise(slots)), slots
-    for task in tasks:
-        assert (await wait_state(stub, task.task_id)).state == pb.TASK_STATE_SUCCEEDED
+    states = [(await wait_state(stub, task.task_id)).state for task in tasks]
+    # the delete withdraws the one slot a replica may have decided ahead: that firing, the
+    # last, ends CANCELLED and never runs; every earlier one ran
+    if states[-1] == pb.TASK_STATE_CANCELLED:
+        states.pop()
+    assert states == [pb.TASK_STATE_SUCCEEDED] * len(states)
 
 
 async def test_skip_while_the_previous_firing_runs(
