@@ -26,7 +26,7 @@ import aio_pika
 
 from bench.drive import LoadResult
 from bench.enqueue import Sample, System, grpc_command, http_command, measure
-from bench.flower import _wait_for_api
+from bench.flower import start_flower_env
 from bench.infra import (
     OUT,
     Children,
@@ -34,10 +34,8 @@ from bench.infra import (
     PrivateRedis,
     announce,
     cpu_seconds,
-    free_port,
     python_env,
     wait_for_line,
-    wait_for_port,
 )
 from bench.plan import Plan
 from bench.servers import Server
@@ -123,18 +121,8 @@ def start_taskgate_amqp(
 
 
 def start_flower_amqp(children: Children, vhost: PrivateVhost, redis: PrivateRedis) -> Server:
-    """Flower on the vhost, its HTTP API open (as ``bench.flower`` starts it on Redis)."""
-    log = OUT / "flower-amqp.log"
-    log.write_bytes(b"")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers", "flower",
-        f"--port={port}", "--address=127.0.0.1", "--logging=warning",
-    ]  # fmt: skip
-    process = children.spawn(command, log=log, env=_env(vhost, redis, FLOWER_UNAUTHENTICATED_API="true"))
-    wait_for_port(process, port, 60)
-    _wait_for_api(port, 60)
-    return Server("flower", process, port, log)
+    """Flower on the vhost (as ``bench.flower`` starts it on Redis)."""
+    return start_flower_env(children, _env(vhost, redis), OUT / "flower-amqp.log")
 
 
 @dataclass
