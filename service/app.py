@@ -107,10 +107,8 @@ class Runtime:
         publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority or None)
         adoption = AdoptionStore(store.engine) if settings.adopt_foreign else None
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval, adoption=adoption)
-        # every pub/sub update is written, also of tasks the state feed writes: leaving a fed
-        # task's updates to the feed alone (``Recorder.record_published``/``fed``, measured
-        # to halve the feed's database cost) lost final progress and final states in the
-        # Redis-blip and expired-results tests, so it is not wired until that is understood
+        # every pub/sub update is written, also of tasks the state feed writes (see
+        # service/results/feed.py: leaving them to the feed lost updates in the fault tests)
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
         hub.on_resubscribe(recorder.request_reconcile)
         outbox = Outbox(

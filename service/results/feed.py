@@ -22,11 +22,11 @@ once the write has committed. So:
 
 Pub/sub (``hub.py``) stays the fast path for streams; the feed hands watchers the terminal
 states it writes (and every state while the subscription is down). The recorder keeps
-writing what pub/sub brings for workers without the library; for the tasks this consumer
-has read (``on_read``, wired to ``Recorder.fed``) it leaves the write to the feed. Measured
-end to end (bench/feed.py: a real prefork worker, 50 to 200 states/s), writing every state
-twice, each feed read at once, took 1.9-2.5x the commits and 2.4-2.7x the PostgreSQL CPU
-per task of the feed off; with ``linger`` and ``Recorder.fed``, 0.8-1.2x both. Redis
+writing what pub/sub brings as well (the only path of workers without the library), so a
+feed worker's states are written twice: measured end to end (bench/feed.py, a real prefork
+worker), 1.9-2.5x the commits and 2.4-2.7x the PostgreSQL CPU per task of the feed off;
+``linger`` cut the commits to 1.2-2.1x. Leaving a fed task's pub/sub updates to the feed
+alone brought both to 0.8-1.2x but lost updates in the fault tests, so it is not done. Redis
 failures are the domain's ``ResultBackendUnavailable``.
 """
 
@@ -38,7 +38,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -84,7 +84,6 @@ class StateFeed:
         claim_idle: float = 60.0,
         linger: float = 0.05,
         adoption: AdoptionStore | None = None,
-        on_read: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         """A consumer of ``stream`` (not connected until the first ``step``).
 
@@ -104,12 +103,8 @@ class StateFeed:
                 at a trickle of states).
             adoption: Inserts rows for tasks sent around the gateway before each write
                 (``TASKGATE_ADOPT_FOREIGN``); None: off.
-            on_read: Called with the ids of the tasks of each round's entries before they
-                are written (``Recorder.fed``: their pub/sub updates are then not written
-                a second time); None: nobody.
         """
         self._adoption = adoption
-        self._on_read = on_read
         self._redis = aioredis.Redis.from_url(
             redis_url,
             socket_keepalive=True,
@@ -233,8 +228,6 @@ class StateFeed:
     async def _handle(self, entries: Sequence[Entry]) -> None:
         """Write the entries' updates (one per task), then acknowledge every entry."""
         updates = self._updates(entries)
-        if self._on_read is not None and updates:
-            self._on_read(list(updates))
         written = await self._write(list(updates.values()))
         telemetry.states_written(written)
         with redis_errors():
