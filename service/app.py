@@ -27,7 +27,7 @@ from service.api.limits import ServiceLimits
 from service.api.server import SERVICE_NAME, build_server
 from service.broker.canvas import CanvasCapture
 from service.broker.control import CancelSignals
-from service.broker.fleet import QueueDepths, WorkerInspector
+from service.broker.fleet import WorkerInspector, queue_depths
 from service.broker.inspect import BrokerInspector
 from service.broker.outbox import Outbox
 from service.broker.publisher import Publisher, publisher_for, send_only_app
@@ -178,7 +178,7 @@ class Runtime:
         inspector = WorkerInspector(send_only_app(settings))
         self.operations = Operations(
             OperationsStore(self.store.engine),
-            QueueDepths.from_settings(settings),
+            queue_depths(settings),
             inspector,
             retention=settings.retention,
         )

@@ -1,9 +1,13 @@
 """The Celery fleet as the broker sees it: messages per queue, and the workers that answer.
 
-Queue depths (Redis brokers): ``LLEN`` of each queue's list and of its priority lists
-(``<queue>\\x06\\x16<step>``, kombu's layout), all in one pipeline. Queues are the ones the
-caller names plus those kombu has a binding set for (``_kombu.binding.<queue>``: every queue
-a worker or a producer declared).
+Queue depths (``queue_depths`` picks the adapter for the broker URL):
+
+- Redis: ``LLEN`` of each queue's list and of its priority lists (``<queue>\\x06\\x16<step>``,
+  kombu's layout), all in one pipeline. Queues are the ones the caller names plus those kombu
+  has a binding set for (``_kombu.binding.<queue>``: every queue a worker or a producer declared).
+- RabbitMQ: a passive ``queue.declare`` per queue the caller names, and the default queue
+  (``service.broker.amqp_fleet``).
+- Other brokers: none (ListQueues shows the recorded counts only).
 
 Workers: Celery's remote control (``inspect().active()``, ``stats()``, ``active_queues()``,
 one broadcast each) on a thread, within ``timeout`` seconds. The answer is cached for
@@ -20,12 +24,14 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
 
+from service.broker.amqp import AMQP_SCHEMES
+from service.broker.amqp_fleet import AmqpQueueDepths
 from service.broker.redis_message import DEFAULT_QUEUE
 from service.domain.errors import BrokerUnavailable
 from taskgate.worker.contract import KOMBU_BINDING_PREFIX, CelerySettings, common_conf
@@ -54,7 +60,31 @@ def _broker_errors() -> Iterator[None]:
         raise BrokerUnavailable(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
 
 
-class QueueDepths:
+class QueueDepths(Protocol):
+    """Messages waiting per queue in the broker."""
+
+    async def depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Messages per queue, for ``queues`` at least (a queue the broker lacks reads 0).
+
+        Raises:
+            BrokerUnavailable: the broker is unreachable.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the broker connection."""
+        ...
+
+
+def queue_depths(settings: CelerySettings) -> QueueDepths | None:
+    """The depths of ``settings.broker_url``'s queues; None for a broker other than Redis
+    or RabbitMQ."""
+    if settings.broker_url.startswith(AMQP_SCHEMES):
+        return AmqpQueueDepths(settings.broker_url)
+    return RedisQueueDepths.from_settings(settings)
+
+
+class RedisQueueDepths:
     """Messages waiting per queue in a Redis broker."""
 
     def __init__(self, client: aioredis.Redis, prefix: str, steps: Sequence[int], sep: str) -> None:
@@ -64,7 +94,7 @@ class QueueDepths:
         self._sep = sep
 
     @classmethod
-    def from_settings(cls, settings: CelerySettings) -> QueueDepths | None:
+    def from_settings(cls, settings: CelerySettings) -> RedisQueueDepths | None:
         """Depths of ``settings.broker_url``'s queues; None when the broker is not Redis."""
         if not settings.broker_url.startswith(("redis://", "rediss://")):
             return None
@@ -175,4 +205,11 @@ class WorkerInspector:
         await asyncio.to_thread(self._app.close)
 
 
-__all__ = ["DEFAULT_QUEUE", "QueueDepths", "WorkerInspector", "WorkerSnapshot"]
+__all__ = [
+    "DEFAULT_QUEUE",
+    "QueueDepths",
+    "RedisQueueDepths",
+    "WorkerInspector",
+    "WorkerSnapshot",
+    "queue_depths",
+]
