@@ -106,13 +106,27 @@ def is_amqp(settings: Settings) -> bool:
 
 
 @contextlib.contextmanager
-def broker_worker(settings: Settings, tmp_path: Path, concurrency: int = 16, **env: str) -> Iterator[Path]:
-    """A real Celery worker (``tests.amqp_worker``) on ``settings``' broker; yields its log."""
+def broker_worker(
+    settings: Settings,
+    tmp_path: Path,
+    concurrency: int = 16,
+    *,
+    pool: str = "threads",
+    queues: str = "",
+    name: str = "",
+    **env: str,
+) -> Iterator[Path]:
+    """A real Celery worker (``tests.amqp_worker``) on ``settings``' broker; yields its log.
+
+    ``pool`` is Celery's ``-P`` (terminate needs ``prefork``), ``queues`` its ``-Q`` (the
+    default queue when empty), ``name`` the node name before ``@`` (a random one when empty).
+    """
     log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
     command = [
         sys.executable, "-m", "celery", "-A", "tests.amqp_worker", "worker",
-        "-P", "threads", "-c", str(concurrency), "-n", f"broker-{uuid.uuid4().hex[:6]}@%h",
+        "-P", pool, "-c", str(concurrency), "-n", f"{name or 'broker-' + uuid.uuid4().hex[:6]}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+        *(["-Q", queues] if queues else []),
     ]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(
