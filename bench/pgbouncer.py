@@ -1,10 +1,11 @@
 """PgBouncer: what ``TASKGATE_DB_PGBOUNCER=1`` and a PgBouncer in transaction mode cost.
 
 Three gateways on the same private database and Redis, started together and measured in
-alternating rounds: (a) direct to PostgreSQL with the default settings (cached, named
-prepared statements), (b) direct with ``TASKGATE_DB_PGBOUNCER=1`` (no statement cache:
-the cost of the setting alone), (c) through a private ``pgbouncer`` (Debian's package) in
-transaction pooling mode with the setting (what a deployment behind PgBouncer pays).
+alternating rounds (each round starts with the next gateway): (a) direct to PostgreSQL
+with the default settings (cached, named prepared statements), (b) direct with
+``TASKGATE_DB_PGBOUNCER=1`` (no statement cache: the cost of the setting alone), (c)
+through a private ``pgbouncer`` (Debian's package) in transaction pooling mode with the
+setting (what a deployment behind PgBouncer pays).
 
 Each round runs durable Enqueue (the Node load generator, ``plan.throughput_concurrency``
 in flight) and EnqueueBatch (``python -m bench.loadgen``, ``plan.batch_size`` tasks per
@@ -219,7 +220,9 @@ def _rounds(
 ) -> None:
     timeout = plan.warmup + plan.throughput_duration + 90
     for round_no in range(1, plan.rounds + 1):
-        for gateway in gateways:
+        shift = (round_no - 1) % len(gateways)  # each gateway goes first in some round
+        order = gateways[shift:] + gateways[:shift]
+        for gateway in order:
             announce(f"pgbouncer round {round_no}/{plan.rounds}: {gateway.key} Enqueue")
             command = grpc_command(gateway.server, plan.channels)(
                 plan.throughput_concurrency, plan.warmup, plan.throughput_duration
@@ -227,7 +230,7 @@ def _rounds(
             gateway.enqueue.append(
                 _measure(children, redis, db, gateway, command, tasks_per_call=1, timeout=timeout)
             )
-        for gateway in gateways:
+        for gateway in order:
             announce(
                 f"pgbouncer round {round_no}/{plan.rounds}: {gateway.key} EnqueueBatch x{plan.batch_size}"
             )
@@ -307,6 +310,13 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
     errors = sum(r.errors for g in gateways for r in g.enqueue + g.batch)
     lines += [
         "",
+        "Rounds, Enqueue calls/s and EnqueueBatch tasks/s: "
+        + "; ".join(
+            f"{g.key} {', '.join(f'{r.rate:,.0f}' for r in g.enqueue)} and "
+            f"{', '.join(f'{r.rate:,.0f}' for r in g.batch)}"
+            for g in gateways
+        )
+        + ".",
         "(a) direct = default settings (asyncpg's statement cache, named prepared statements); (b) direct",
         "+ TASKGATE_DB_PGBOUNCER=1 = the setting's own cost (no statement cache, unnamed statements);",
         "(c) through PgBouncer with the setting = what a deployment behind PgBouncer pays. PostgreSQL CPU",
