@@ -80,6 +80,8 @@ class Firing:
     task: NewTask | None
 
 
+_POLICIES = {policy.value: policy for policy in OverlapPolicy}
+
 #: Decides a due schedule's round: ``(schedule, previous firing still running, now)``.
 Decide = Callable[[Schedule, bool, dt.datetime], Firing]
 
@@ -96,7 +98,7 @@ def _schedule(row: RowMapping, timing: Timing, task: TaskTemplate) -> Schedule:
         task=task,
         caller=row["caller"],
         paused=row["paused"],
-        overlap_policy=OverlapPolicy(row["overlap_policy"]),
+        overlap_policy=_POLICIES[row["overlap_policy"]],
         catchup_window=dt.timedelta(seconds=row["catchup_window"]),
         next_run_time=row["next_run_time"],
         last_run_time=row["last_run_time"],
@@ -264,19 +266,22 @@ class ScheduleStore:
                 ),
             )
             due = sa.or_(due, ahead)
-        parsed = ("spec", "template")
-        query = (
-            sa.select(
-                *(column for column in schedules.c if column.name not in parsed),
-                *(sa.cast(schedules.c[name], sa.Text).label(f"{name}_text") for name in parsed),
-                previous.c.state.label("previous_state"),
-            )
+        # the due rows are claimed (sorted, locked) first; only the claimed ones' spec and
+        # template are then rendered as text (parsed once per text), not every due row's
+        claimed = (
+            sa.select(*schedules.c, previous.c.state.label("previous_state"))
             .select_from(schedules.outerjoin(previous, previous.c.task_id == schedules.c.last_task_id))
-            .where(schedules.c.paused.is_(False), schedules.c.next_run_time.isnot(None), due)
+            .where(sa.not_(schedules.c.paused), schedules.c.next_run_time.isnot(None), due)
             .order_by(schedules.c.next_run_time)
             .limit(limit)
             .with_for_update(skip_locked=True, of=schedules)
+            .subquery("claimed")
         )
+        parsed = ("spec", "template")
+        query = sa.select(
+            *(column for column in claimed.c if column.name not in parsed),
+            *(sa.cast(claimed.c[name], sa.Text).label(f"{name}_text") for name in parsed),
+        ).order_by(claimed.c.next_run_time)
         async with transaction(self._engine) as conn:
             rows = (await conn.execute(query)).mappings().all()
             if not rows:
@@ -296,7 +301,7 @@ class ScheduleStore:
         later = sa.type_coerce(sa.func.min(sa.case((slot > edge, slot))), UTCDateTime)
         query = sa.select(
             sa.func.coalesce(sa.func.sum(sa.case((slot <= edge, 1), else_=0)), 0), sa.func.count(), later
-        ).where(schedules.c.paused.is_(False), slot.isnot(None), slot <= horizon)
+        ).where(sa.not_(schedules.c.paused), slot.isnot(None), slot <= horizon)
         async with transaction(self._engine) as conn:
             urgent, total, earliest = (await conn.execute(query)).one()
         return int(urgent), int(total) - int(urgent), earliest

@@ -24,25 +24,19 @@ from service.broker.outbox import Outbox
 from service.domain.callers import OPEN, Caller
 from service.domain.catalog import Catalog
 from service.domain.errors import InvalidRequest, PermissionDenied
-from service.domain.model import Delivery, TaskSpec, TaskState
 from service.domain.schedule import (
     DEFAULT_CATCHUP,
     OverlapPolicy,
-    Plan,
     Schedule,
     ScheduleNotFound,
     TaskTemplate,
     Timing,
     check_schedule_id,
-    firing_fingerprint,
-    plan,
-    request_id_of,
 )
 from service.runtime import tracing
-from service.runtime.schedule_tracing import firing_headers
-from service.store.rows import NewTask
-from service.store.schedules import Firing, ScheduleStore
+from service.store.schedules import ScheduleStore
 from service.usecases.control import Control
+from service.usecases.schedule_firing import Decider
 from service.usecases.schedule_hold import RESERVE, Hold, Pace
 
 log = logging.getLogger(__name__)
@@ -54,8 +48,6 @@ WRITABLE = frozenset(
 _TIMING = frozenset({"cron", "interval", "spec"})
 #: How far ahead of its slot a firing is decided and recorded (then published at the slot).
 LEAD = dt.timedelta(seconds=60)
-#: Templates whose firing digest is remembered (see ``_fingerprint``).
-DIGESTS = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +96,7 @@ class Schedules:
         self._lead = lead
         self._hold = Hold(outbox.submit_many)
         self._pace = Pace(poll_interval)
-        #: id(template) → (template, digest): one template object per distinct template (store)
-        self._digests: dict[int, tuple[TaskTemplate, str]] = {}
+        self._decider = Decider(catalog, outbox.lease)
 
     # --- CRUD ---------------------------------------------------------------------------
 
@@ -233,7 +224,7 @@ class Schedules:
         self._checked(schedule.task, caller)
         now = dt.datetime.now(dt.UTC)
         request_id = f"schedule:{schedule_id}:trigger:{uuid.uuid4().hex}"
-        new = self._new_task(schedule, now, now, request_id, tracing.trace_headers())
+        new = self._decider.new_task(schedule, now, now, request_id, tracing.trace_headers())
         await self._outbox.room()
         if not await self._store.record_trigger(schedule_id, new):
             raise _not_found(schedule_id)
@@ -256,7 +247,7 @@ class Schedules:
         limit = self._pace.limit(urgent, ahead, earliest, now, self._batch)
         if not limit:
             return self._poll
-        claimed, deliveries = await self._store.fire_due(now, limit, self._decide, now + self._lead)
+        claimed, deliveries = await self._store.fire_due(now, limit, self._decider.decide, now + self._lead)
         if deliveries:
             self._hold.hand_over(deliveries)
             log.info("schedules: %d task(s) fired, %d due schedule(s) claimed", len(deliveries), claimed)
@@ -274,70 +265,6 @@ class Schedules:
         await self._store.release(held)
         if held:
             log.info("schedules: %d decided-ahead task(s) left to the outbox relay", len(held))
-
-    def _decide(self, schedule: Schedule, previous_running: bool, now: dt.datetime) -> Firing:
-        assert schedule.next_run_time is not None
-        at = max(now, schedule.next_run_time)  # a slot decided ahead is decided as at the slot
-        decided = plan(schedule, at, previous_running=previous_running)
-        if decided.fire is None:
-            if decided.skipped:
-                log.info("schedule_id=%s: %d slot(s) skipped", schedule.schedule_id, decided.skipped)
-            return Firing(decided, None)
-        try:
-            self._catalog.check(schedule.task.task_name, schedule.task.args, schedule.task.kwargs)
-        except InvalidRequest as exc:
-            log.warning("schedule_id=%s: slot %s skipped: %s", schedule.schedule_id, decided.fire, exc)
-            return Firing(Plan(None, decided.skipped + 1, decided.next_run_time), None)
-        request_id = request_id_of(schedule, decided.fire)
-        task_id = str(uuid.uuid4())
-        trace = firing_headers(schedule.schedule_id, decided.fire, task_id)
-        new = self._new_task(schedule, now, at, request_id, trace, task_id)
-        log.debug("task_id=%s schedule_id=%s fires slot %s", new.task_id, schedule.schedule_id, decided.fire)
-        return Firing(decided, new)
-
-    def _new_task(self, schedule: Schedule, now: dt.datetime, run_time: dt.datetime, request_id: str,
-                  trace: dict[str, str] | None, task_id: str = "") -> NewTask:  # fmt: skip
-        """The task of one firing at ``run_time``, recorded ``now``."""
-        spec: TaskSpec = schedule.task.spec(run_time, request_id)
-        delivery = Delivery(
-            task_id=task_id or str(uuid.uuid4()),
-            task_name=spec.task_name,
-            args=spec.args,
-            kwargs=spec.kwargs,
-            run_time=run_time,
-            queue=spec.queue,
-            priority=spec.priority,
-            expire_time=spec.expire_time,
-            headers=spec.headers,
-            time_limit=spec.time_limit,
-            soft_time_limit=spec.soft_time_limit,
-            trace_headers=trace,
-        )
-        return NewTask(
-            delivery=delivery,
-            state=TaskState.QUEUED,
-            caller=schedule.caller,
-            request_id=request_id,
-            create_time=now,
-            fingerprint=self._fingerprint(schedule.task, spec),
-            publish_after=run_time + self._outbox.lease,
-            held=False,
-            schedule_id=schedule.schedule_id,
-        )
-
-    def _fingerprint(self, template: TaskTemplate, spec: TaskSpec) -> str:
-        """The firing's request digest; remembered per template object when it does not
-        depend on the firing time (no ``expire_after``)."""
-        if template.expire_after is not None:
-            return firing_fingerprint(spec)
-        known = self._digests.get(id(template))
-        if known is not None and known[0] is template:  # the entry holds it: the id is not reused
-            return known[1]
-        if len(self._digests) >= DIGESTS:
-            self._digests.clear()
-        digest = firing_fingerprint(spec)
-        self._digests[id(template)] = (template, digest)
-        return digest
 
     # --- checks -------------------------------------------------------------------------
 
