@@ -2,18 +2,21 @@
 
     .venv/bin/python -m bench.firecost [--schedules 10000] [--ahead 65] [--py-spy out.txt]
 
-Starts a private Redis, a fresh private database and one gateway (``python -m service serve``,
-no workers), writes ``--schedules`` paused schedules of ``demo.add`` (as ``bench.schedules``
-does), measures the gateway's idle CPU rate for ``IDLE`` seconds, then resumes them all
-as an hourly interval whose next slot is ``--ahead`` seconds away (more than the lead:
-the gateway decides them ahead, paced, then publishes them at the slot, as in the
-``schedules`` section). The window runs from the resume until every firing is published.
+Starts a private Redis, a fresh private database and one gateway (``python -m service
+serve``, no workers), writes ``--schedules`` paused schedules of ``demo.add`` (as
+``bench.schedules`` does), measures the gateway's and the database backends' idle CPU rates
+for ``IDLE`` seconds, then resumes them all as an hourly interval whose next slot is
+``--ahead`` seconds away (more than the lead: the gateway decides them ahead, paced, then
+publishes them at the slot, as in the ``schedules`` section). The window runs from the
+resume until every firing is published.
 
-Reported: the gateway's CPU seconds over the window minus its idle rate times the window,
-and the CPU of the PostgreSQL backends connected to the database (``/proc/<pid>/stat``,
-same host), each divided by the firings. CPU time, not throughput: it holds on a machine
-shared with other work. ``--py-spy FILE`` also records the gateway over the window with
-``py-spy record --format raw`` (collapsed stacks; ``--idle`` off) for where the time goes.
+Reported: the gateway's CPU seconds over the window and the CPU of the PostgreSQL backends
+connected to the database (``/proc/<pid>/stat``, same host; a backend that exits within the
+window is missed), each less its idle rate times the window, divided by the firings. CPU
+time, not throughput: it holds on a machine shared with other work. ``--py-spy FILE`` also
+records the gateway over the window with ``py-spy record --format raw`` (collapsed stacks)
+for where the time goes (``--nonblocking``: its idle detection is rough, so read shares of
+the non-event-loop samples, not absolute times).
 
 Standalone (not a ``bench`` section): it measures the firing code, not a target.
 """
@@ -86,9 +89,10 @@ async def _measure(db: PrivateDatabase, pid: int, count: int, ahead: float, spy:
     engine = create_async_engine(db.url, poolclass=NullPool)
     try:
         await _insert(engine, count)
-        idle_start, idle_cpu = time.monotonic(), cpu_seconds(pid)
+        idle_start, idle_cpu, idle_pg = time.monotonic(), cpu_seconds(pid), await _backends(db)
         await asyncio.sleep(IDLE)
         idle_rate = (cpu_seconds(pid) - idle_cpu) / (time.monotonic() - idle_start)
+        idle_pg_rate = _delta(idle_pg, await _backends(db)) / (time.monotonic() - idle_start)
         pg_before = await _backends(db)
         started, cpu_before = time.monotonic(), cpu_seconds(pid)
         slot = await _resume(engine, ahead)
@@ -107,15 +111,21 @@ async def _measure(db: PrivateDatabase, pid: int, count: int, ahead: float, spy:
             spying.wait()
     finally:
         await engine.dispose()
-    postgres = sum(cpu - pg_before.get(backend, 0.0) for backend, cpu in pg_after.items())
-    net = gateway - idle_rate * window
+    postgres = _delta(pg_before, pg_after)
+    net, pg_net = gateway - idle_rate * window, postgres - idle_pg_rate * window
     per = 1e6 / max(published, 1)
     return (
         f"firings {published:,}/{count:,} over {window:.1f} s: gateway {gateway:.2f} CPU s "
-        f"(idle {idle_rate * window:.2f} s subtracted: {net:.2f} s), PostgreSQL backends {postgres:.2f} s"
+        f"(idle {idle_rate * window:.2f} s subtracted: {net:.2f} s), PostgreSQL backends {postgres:.2f} s "
+        f"(idle {idle_pg_rate * window:.2f} s subtracted: {pg_net:.2f} s)"
         f"\nper firing: gateway {net * per:,.0f} µs (gross {gateway * per:,.0f}), "
-        f"PostgreSQL {postgres * per:,.0f} µs"
+        f"PostgreSQL {pg_net * per:,.0f} µs (gross {postgres * per:,.0f})"
     )
+
+
+def _delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the backends used between two readings (new backends: all of theirs)."""
+    return sum(cpu - before.get(backend, 0.0) for backend, cpu in after.items())
 
 
 def main(argv: list[str] | None = None) -> int:
