@@ -310,10 +310,10 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
     errors = sum(r.errors for g in gateways for r in g.enqueue + g.batch)
     lines += [
         "",
-        "Rounds, Enqueue calls/s and EnqueueBatch tasks/s: "
+        "Rounds, Enqueue calls/s and EnqueueBatch tasks/s (PostgreSQL CPU µs per call or task): "
         + "; ".join(
-            f"{g.key} {', '.join(f'{r.rate:,.0f}' for r in g.enqueue)} and "
-            f"{', '.join(f'{r.rate:,.0f}' for r in g.batch)}"
+            f"{g.key} {', '.join(f'{r.rate:,.0f} ({r.pg_us:.0f})' for r in g.enqueue)} and "
+            f"{', '.join(f'{r.rate:,.0f} ({r.pg_us:.0f})' for r in g.batch)}"
             for g in gateways
         )
         + ".",
