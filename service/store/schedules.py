@@ -345,20 +345,21 @@ class ScheduleStore:
         inserted: set[str],
     ) -> None:
         """Write each claimed schedule's next slot, skipped count and last firing."""
-        values = []
+        values = []  # (key, next slot, skipped count, last run, last task)
         for row, firing in firings:
-            fired = firing.task is not None and firing.task.task_id in inserted
+            task, decided = firing.task, firing.plan
+            fired = task is not None and task.task_id in inserted
             values.append(
-                {
-                    "b_key": row["schedule_id"],
-                    "b_next": firing.plan.next_run_time,
-                    "b_skipped": row["skipped_count"] + firing.plan.skipped,
-                    "b_last_run": firing.plan.fire if fired else row["last_run_time"],
-                    "b_last_task": firing.task.task_id if fired and firing.task else row["last_task_id"],
-                }
+                (
+                    row["schedule_id"],
+                    decided.next_run_time,
+                    row["skipped_count"] + decided.skipped,
+                    decided.fire if fired else row["last_run_time"],
+                    task.task_id if fired and task is not None else row["last_task_id"],
+                )
             )
         if self._postgres:
-            arrays = columns((tuple(value.values()) for value in values), 5)
+            arrays = columns(values, 5)
             await on_driver(conn, ADVANCE, lambda driver: driver.execute(ADVANCE, *arrays))
             return
         statement = (
@@ -371,7 +372,8 @@ class ScheduleStore:
                 last_task_id=sa.bindparam("b_last_task"),
             )
         )
-        await conn.execute(statement, values)
+        names = ("b_key", "b_next", "b_skipped", "b_last_run", "b_last_task")
+        await conn.execute(statement, [dict(zip(names, value, strict=True)) for value in values])
 
 
 async def _decide_all(
