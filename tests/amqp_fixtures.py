@@ -87,6 +87,21 @@ def broker_settings(request: pytest.FixtureRequest, settings: Settings, run_id: 
         yield private
 
 
+@pytest.fixture(scope="module", params=BROKERS)
+def module_broker_settings(
+    request: pytest.FixtureRequest, settings: Settings, run_id: str
+) -> Iterator[Settings]:
+    """``broker_settings`` shared by a module's tests (one database, key prefix and fresh
+    ``celery`` queue per broker): for tests that share a gateway, each on tags, and where it
+    matters queues, of its own."""
+    broker = REDIS_URL
+    if request.param == "amqp":
+        broker = request.getfixturevalue("amqp_vhost")
+        asyncio.run(reset_queues(broker, "celery"))
+    with private_settings(settings, run_id, broker) as private:
+        yield private
+
+
 @contextlib.contextmanager
 def private_settings(settings: Settings, run_id: str, broker: str = REDIS_URL) -> Iterator[Settings]:
     """``settings`` on a new database, a new key prefix and ``broker``."""
@@ -114,12 +129,16 @@ def broker_worker(
     pool: str = "threads",
     queues: str = "",
     name: str = "",
+    stop_timeout: float = 15,
     **env: str,
 ) -> Iterator[Path]:
     """A real Celery worker (``tests.amqp_worker``) on ``settings``' broker; yields its log.
 
     ``pool`` is Celery's ``-P`` (terminate needs ``prefork``), ``queues`` its ``-Q`` (the
     default queue when empty), ``name`` the node name before ``@`` (a random one when empty).
+    The worker is killed if it has not stopped ``stop_timeout`` seconds after SIGTERM: a
+    threads-pool worker on RabbitMQ takes about 10 s to stop (its main loop notices the
+    shutdown only when its poll times out), so tests that are done with it may pass less.
     """
     log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
     command = [
@@ -135,7 +154,7 @@ def broker_worker(
     try:
         yield log
     finally:
-        stop_process(process)
+        stop_process(process, stop_timeout)
 
 
 def runs_by_tag(settings: Settings) -> collections.Counter[str]:
@@ -184,6 +203,7 @@ __all__ = [
     "broker_settings",
     "broker_worker",
     "is_amqp",
+    "module_broker_settings",
     "private_settings",
     "rabbitmqctl",
     "reset_queues",

@@ -1,15 +1,17 @@
 """Cancel, schedules, workflows, ListQueues and ListWorkers on Redis and on RabbitMQ.
 
-Every test runs a real gateway process and, where something must run, a real Celery worker
-(``tests.amqp_worker``) on the broker of its parameter; the result backend is Redis either
-way. The Redis-only variants of these cases (and their corner cases) are in
-``test_control_cancel.py``, ``test_control_worker.py``, ``test_schedules_firing.py``,
-``test_workflow_run.py`` and ``test_operations_fleet.py``.
+The tests of a broker share one gateway process (and its database and key prefix); each
+starts the real Celery worker (``tests.amqp_worker``) it needs on that broker, and uses tags,
+queues and worker names of its own. The result backend is Redis either way. The Redis-only
+variants of these cases (and their corner cases) are in ``test_control_cancel.py``,
+``test_control_worker.py``, ``test_schedules_firing.py``, ``test_workflow_run.py`` and
+``test_operations_fleet.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import time
@@ -38,11 +40,17 @@ from tests.processes import GatewayProcess, gateway_process
 
 # the fixtures this module uses (Redis and RabbitMQ)
 amqp_vhost = amqp_fixtures.amqp_vhost
-broker_settings = amqp_fixtures.broker_settings
+broker_settings = amqp_fixtures.module_broker_settings
 
 TERMINAL = {pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED}
 #: Schedules looked at five times a second.
 POLL = {"TASKGATE_SCHEDULE_POLL_INTERVAL": "0.2"}
+
+
+def worker(settings: Settings, tmp_path: Path, **options: Any) -> contextlib.AbstractContextManager[Path]:
+    """``broker_worker``, killed 3 s after SIGTERM: each test is done with its worker when
+    it stops it (a threads-pool worker on RabbitMQ takes about 10 s to stop by itself)."""
+    return broker_worker(settings, tmp_path, stop_timeout=3, **options)
 
 
 @dataclass
@@ -55,13 +63,13 @@ class Stubs:
     schedules: spb_grpc.ScheduleServiceStub
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def gateway(broker_settings: Settings) -> AsyncIterator[GatewayProcess]:
     async with gateway_process(broker_settings, **POLL, **FAST) as process:
         yield process
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def stubs(gateway: GatewayProcess) -> AsyncIterator[Stubs]:
     async with aio.insecure_channel(gateway.target) as channel:
         yield Stubs(
@@ -92,13 +100,14 @@ async def test_a_cancelled_queued_task_never_runs(
     broker_settings: Settings, stubs: Stubs, tmp_path: Path
 ) -> None:
     tag = f"cancelled-{uuid.uuid4().hex[:6]}"
-    request = pb.EnqueueRequest(task_name="demo.record", args=args(tag))
+    queue = f"cancel-{tag}"
+    request = pb.EnqueueRequest(task_name="demo.record", args=args(tag), queue=queue)
     task_id = (await stubs.tasks.Enqueue(request)).task_id
-    await broker_messages(stubs, "celery", 1)  # in the broker, no worker yet
+    await broker_messages(stubs, queue, 1)  # in the broker, no worker yet
     cancelled = (await stubs.tasks.CancelTask(pb.CancelTaskRequest(task_id=task_id))).task
     assert cancelled.state == pb.TASK_STATE_CANCELLED and cancelled.cancel_requested
-    with broker_worker(broker_settings, tmp_path):
-        after = pb.EnqueueRequest(task_name="demo.record", args=args(f"{tag}-after"))
+    with worker(broker_settings, tmp_path, queues=queue):
+        after = pb.EnqueueRequest(task_name="demo.record", args=args(f"{tag}-after"), queue=queue)
         await stubs.tasks.Enqueue(after)
         await wait_runs(broker_settings, [f"{tag}-after"], timeout=60)  # the queue is drained
     assert tag not in runs_by_tag(broker_settings)
@@ -109,7 +118,7 @@ async def test_a_cancelled_queued_task_never_runs(
 async def test_a_running_task_stops_at_its_next_progress_report(
     broker_settings: Settings, stubs: Stubs, tmp_path: Path
 ) -> None:
-    with broker_worker(broker_settings, tmp_path, concurrency=2):
+    with worker(broker_settings, tmp_path, concurrency=2):
         request = pb.EnqueueRequest(task_name="demo.progress", args=args(600, 0.1))
         task_id = (await stubs.tasks.Enqueue(request)).task_id
         await wait_state(stubs.tasks, task_id, [pb.TASK_STATE_RUNNING], timeout=60)
@@ -123,8 +132,9 @@ async def test_terminate_ends_a_running_task_by_revoke(
 ) -> None:
     """``demo.sleep`` never looks at the mark: only the broadcast revoke (``terminate``,
     which needs the prefork pool) can end it."""
-    with broker_worker(broker_settings, tmp_path, concurrency=1, pool="prefork"):
-        request = pb.EnqueueRequest(task_name="demo.sleep", args=args(60))
+    queue = f"terminate-{uuid.uuid4().hex[:6]}"
+    with worker(broker_settings, tmp_path, concurrency=1, pool="prefork", queues=queue):
+        request = pb.EnqueueRequest(task_name="demo.sleep", args=args(60), queue=queue)
         task_id = (await stubs.tasks.Enqueue(request)).task_id
         await wait_state(stubs.tasks, task_id, [pb.TASK_STATE_RUNNING], timeout=60)
         cancel = pb.CancelTaskRequest(task_id=task_id, terminate=True, reason="test")
@@ -158,7 +168,7 @@ async def test_a_schedule_fires_each_slot_once_and_the_tasks_run(
     )
     schedule.interval.FromTimedelta(dt.timedelta(seconds=1))
     schedule.overlap_policy = spb.OVERLAP_POLICY_ALLOW
-    with broker_worker(broker_settings, tmp_path):
+    with worker(broker_settings, tmp_path):
         await stubs.schedules.CreateSchedule(spb.CreateScheduleRequest(schedule=schedule))
         async with asyncio.timeout(30):
             while len(await fired(stubs.tasks, schedule_id)) < 4:
@@ -209,7 +219,7 @@ async def test_a_chain_a_group_and_a_chord_succeed(
         "group": group(*(step("demo.add", i, i) for i in range(5))),
         "chord": chain(group(*(step("demo.add", i, i) for i in range(10))), step("demo.sum")),
     }
-    with broker_worker(broker_settings, tmp_path):
+    with worker(broker_settings, tmp_path):
         started = {
             kind: await stubs.flows.EnqueueWorkflow(wpb.EnqueueWorkflowRequest(root=root))
             for kind, root in roots.items()
@@ -229,7 +239,7 @@ async def test_list_queues_shows_a_backlog_and_list_workers_the_worker(
 ) -> None:
     queue = f"backlog-{uuid.uuid4().hex[:6]}"  # no worker consumes it
     name = f"fleet-{uuid.uuid4().hex[:6]}"
-    with broker_worker(broker_settings, tmp_path, name=name):
+    with worker(broker_settings, tmp_path, name=name):
         for _ in range(5):
             await stubs.tasks.Enqueue(pb.EnqueueRequest(task_name="demo.add", args=args(1, 2), queue=queue))
         info = await broker_messages(stubs, queue, 5)
