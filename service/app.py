@@ -107,9 +107,10 @@ class Runtime:
         publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority or None)
         adoption = AdoptionStore(store.engine) if settings.adopt_foreign else None
         recorder = Recorder(store, reconcile_interval=settings.reconcile_interval, adoption=adoption)
-        # every pub/sub update is written, also of tasks the state feed writes (see
-        # service/results/feed.py: leaving them to the feed lost updates in the fault tests)
-        hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, recorder.record)
+        # with the state feed on, a task's pub/sub updates are written only until this
+        # process's feed has read the task (``Recorder.fed``; see service/results/feed.py)
+        on_update = recorder.record_published if settings.state_feed else recorder.record
+        hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, on_update)
         hub.on_resubscribe(recorder.request_reconcile)
         outbox = Outbox(
             store,
@@ -155,6 +156,7 @@ class Runtime:
             self.hub,
             claim_idle=settings.state_feed_claim_idle,
             adoption=AdoptionStore(self.store.engine) if settings.adopt_foreign else None,
+            on_read=self.recorder.fed,
         )
         self.loops.start("feed", self.feed.step, backoff=Backoff(first=0.5))
 

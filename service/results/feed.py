@@ -15,6 +15,8 @@ once the write has committed. So:
   stream, which keeps about ``STATE_FEED_MAXLEN`` of them;
 - the database down: nothing is acknowledged, the supervisor backs off, and the next round
   reads this consumer's pending entries again (XREADGROUP from ``0``) before new ones;
+- a gateway that stops (SIGTERM) finishes the round in hand, writing and acknowledging what
+  it has read (``close`` waits for it), then leaves the group if it holds nothing;
 - a gateway that dies holding entries: another replica takes them over (XAUTOCLAIM) once
   they have been idle ``claim_idle`` seconds;
 - an entry whose update the database refuses (``StatementRejected``) or that does not
@@ -22,12 +24,12 @@ once the write has committed. So:
 
 Pub/sub (``hub.py``) stays the fast path for streams; the feed hands watchers the terminal
 states it writes (and every state while the subscription is down). The recorder keeps
-writing what pub/sub brings as well (the only path of workers without the library), so a
-feed worker's states are written twice: measured end to end (bench/feed.py, a real prefork
-worker), 1.9-2.5x the commits and 2.4-2.7x the PostgreSQL CPU per task of the feed off;
-``linger`` cut the commits to 1.2-2.1x. Leaving a fed task's pub/sub updates to the feed
-alone brought both to 0.8-1.2x but lost updates in the fault tests, so it is not done. Redis
-failures are the domain's ``ResultBackendUnavailable``.
+writing what pub/sub brings for workers without the library; for the tasks this consumer
+has read (``on_read``, wired to ``Recorder.fed``) it leaves the write to the feed, and of
+their states read from Redis (a status read's refresh, the reconcile) it writes only a
+terminal one: such a read may be older than a state the feed has written meanwhile, and
+would take the record back (``Recorder.record``). Redis failures are the domain's
+``ResultBackendUnavailable``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -84,6 +86,7 @@ class StateFeed:
         claim_idle: float = 60.0,
         linger: float = 0.05,
         adoption: AdoptionStore | None = None,
+        on_read: Callable[[Sequence[str]], None] | None = None,
     ) -> None:
         """A consumer of ``stream`` (not connected until the first ``step``).
 
@@ -103,8 +106,12 @@ class StateFeed:
                 at a trickle of states).
             adoption: Inserts rows for tasks sent around the gateway before each write
                 (``TASKGATE_ADOPT_FOREIGN``); None: off.
+            on_read: Called with the ids of the tasks of each round's entries before they
+                are written (``Recorder.fed``: their pub/sub updates are then not written
+                a second time); None: nobody.
         """
         self._adoption = adoption
+        self._on_read = on_read
         self._redis = aioredis.Redis.from_url(
             redis_url,
             socket_keepalive=True,
@@ -127,15 +134,26 @@ class StateFeed:
         self._group_ready = False
         #: read this consumer's own pending entries (from ``0``) before new ones
         self._backlog = True
+        #: the round in hand (it outlives a cancelled ``step``; ``close`` waits for it)
+        self._round: asyncio.Future[None] | None = None
 
     async def step(self) -> None:
         """One round: read entries, write them, acknowledge them.
+
+        A cancelled step (the gateway stopping) does not cancel its round: the round runs on
+        (``close`` waits for it), so entries it has read are written and acknowledged here
+        instead of staying pending under a consumer name no process uses again, until
+        another replica takes them over ``claim_idle`` seconds later.
 
         Raises:
             ResultBackendUnavailable: Redis is unreachable (nothing acknowledged).
             DatabaseUnavailable: the write failed for want of a database (nothing
                 acknowledged; the entries are read again from the pending list).
         """
+        self._round = asyncio.ensure_future(self._one_round())
+        await asyncio.shield(self._round)
+
+    async def _one_round(self) -> None:
         try:
             with redis_errors():
                 entries = await self._next_entries()
@@ -228,6 +246,8 @@ class StateFeed:
     async def _handle(self, entries: Sequence[Entry]) -> None:
         """Write the entries' updates (one per task), then acknowledge every entry."""
         updates = self._updates(entries)
+        if self._on_read is not None and updates:
+            self._on_read(list(updates))
         written = await self._write(list(updates.values()))
         telemetry.states_written(written)
         with redis_errors():
@@ -289,9 +309,34 @@ class StateFeed:
             if update.state.terminal or not subscribed:
                 self._hub.deliver(update)
 
-    async def close(self) -> None:
-        """Release the Redis connection."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Let a round in hand end (at most ``grace`` seconds), leave the group if nothing is
+        pending for this consumer, and release the Redis connection."""
+        ended = True
+        if self._round is not None and not self._round.done():
+            try:
+                await asyncio.wait_for(self._round, grace)
+            except TimeoutError:
+                ended = False
+                log.warning("state feed: the last round did not end within %.0fs", grace)
+            except Exception:  # its entries stay pending: read again or taken over
+                log.info("state feed: the last round failed; its entries stay pending", exc_info=True)
+        if ended and self._group_ready:
+            await self._leave()
         await self._redis.aclose()
+
+    async def _leave(self) -> None:
+        """Delete this consumer from the group when it holds no entries (each process is a
+        consumer of its own name: without this, every restart would leave one behind). With
+        entries pending it stays, for another replica to take them over."""
+        try:
+            held = await self._redis.xpending_range(
+                self._stream, self._group, min="-", max="+", count=1, consumername=self.consumer
+            )
+            if not held:
+                await self._redis.xgroup_delconsumer(self._stream, self._group, self.consumer)
+        except Exception:  # Redis down: the consumer stays, as it would anyway
+            log.debug("state feed: consumer %s not deleted", self.consumer, exc_info=True)
 
 
 __all__ = ["StateFeed", "consumer_name"]

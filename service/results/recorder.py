@@ -6,6 +6,14 @@ published while nobody listens, so a reconcile pass also re-reads the Redis stat
 unfinished task (all of them, page by page) after each (re)subscribe and every
 ``reconcile_interval`` seconds. The durable path is the state feed (``feed.py``); the
 reconcile covers workers that do not write it and entries the feed's trimming dropped.
+
+With the feed on, a state would otherwise be written twice (once from pub/sub, once from
+the feed): the feed tells the recorder which tasks it has read (``fed``), and the pub/sub
+updates of those tasks (``record_published``) are then left to the feed, including one
+still pending here; of their states read from Redis (``record``) only a terminal one is
+written, since a read may be older than what the feed has written meanwhile. ``fed`` is
+this process's own: with several replicas, each entry goes to one of them, and the others
+write a task's pub/sub updates until their own feed reads one of its entries.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from service.domain.errors import Unavailable
@@ -33,6 +43,10 @@ log = logging.getLogger(__name__)
 RECONCILE_CHUNK = 100
 #: Unfinished tasks read per database query by a reconcile pass.
 RECONCILE_PAGE = 1000
+#: Task ids the state feed has read that the recorder remembers (about 3 MB; the least
+#: recently fed are forgotten, and a pub/sub update of a forgotten task is written again,
+#: which is harmless).
+FED_MEMORY = 20_000
 
 
 class Recorder:
@@ -54,11 +68,58 @@ class Recorder:
         self._batch_size = batch_size
         self._reconcile_interval = reconcile_interval
         self._pending: dict[str, TaskUpdate] = {}
+        #: tasks whose states the state feed writes (an ordered set, oldest first)
+        self._fed: OrderedDict[str, None] = OrderedDict()
+        #: pending tasks whose update came from pub/sub only (the feed may take it over)
+        self._published: set[str] = set()
         self._wake = asyncio.Event()
         self._reconcile_now = asyncio.Event()
 
     def record(self, update: TaskUpdate) -> None:
-        """Queue an update for writing; never blocks."""
+        """Queue an update read from Redis (a status read's refresh, a reconcile) for
+        writing; never blocks.
+
+        Of a task the state feed writes (``fed``) only a terminal state is queued: the
+        feed writes every state in order, and a state read from Redis a moment ago may
+        already be older than one the feed has written since; written after it, it would
+        take the record back (a further progress replaced by an earlier one, and a final
+        progress lost when the terminal state, which carries none, follows). A terminal
+        state cannot take anything back (the record then takes only a further progress).
+        """
+        if update.task_id in self._fed and not update.state.terminal:
+            return
+        self._published.discard(update.task_id)
+        self._queue(update)
+
+    def record_published(self, update: TaskUpdate) -> None:
+        """``record`` for an update pub/sub brought; left to the state feed when it writes
+        the task's states (``fed``). Never blocks."""
+        task_id = update.task_id
+        if task_id in self._fed:
+            return
+        if task_id not in self._pending:
+            self._published.add(task_id)
+        self._queue(update)
+
+    def fed(self, task_ids: Iterable[str]) -> None:
+        """Note tasks the state feed has read: it writes their states, so their pub/sub
+        updates, pending or to come, are not written here as well.
+
+        Every state a feed worker publishes is in the feed before it is published (one
+        MULTI), so a dropped pub/sub update is never the only copy. A task run again by a
+        worker without the feed (a mixed fleet) is then recorded by the reconcile only.
+        """
+        fed, published = self._fed, self._published
+        for task_id in task_ids:
+            fed[task_id] = None
+            fed.move_to_end(task_id)
+            if task_id in published:
+                published.discard(task_id)
+                self._pending.pop(task_id, None)
+        while len(fed) > FED_MEMORY:
+            fed.popitem(last=False)
+
+    def _queue(self, update: TaskUpdate) -> None:
         older = self._pending.get(update.task_id)
         self._pending[update.task_id] = update if older is None else merge_updates(older, update)
         self._wake.set()
@@ -82,6 +143,7 @@ class Recorder:
         while self._pending:
             ids = list(self._pending)[: self._batch_size]
             batch = [self._pending.pop(task_id) for task_id in ids]
+            self._published.difference_update(ids)
             try:
                 await self._write(batch)
             except BaseException:
@@ -156,7 +218,7 @@ class Recorder:
             for start in range(0, len(page), RECONCILE_CHUNK):
                 updates = await hub.snapshots([key.task_id for key in page[start : start + RECONCILE_CHUNK]])
                 for update in updates:
-                    self.record(update)
+                    self.record(update)  # of a fed task, only a terminal state (``record``)
                 found += len(updates)
             seen += len(page)
             if len(page) < size:

@@ -204,6 +204,35 @@ async def test_no_ack_while_the_database_refuses_connections(
         await feed.close()
 
 
+async def test_a_stopping_gateway_finishes_the_round_in_hand(
+    feed_settings: Settings, store: TaskStore, hub: ProgressHub, redis_client: redis.Redis
+) -> None:
+    # cancelled mid-round (the gateway stopping), the round still writes and acknowledges
+    # what it read: left pending under this process's consumer name, the entries would wait
+    # for another replica's takeover (claim_idle, 60 s by default), and that consumer leaves
+    # the group once it holds nothing
+    (task_id,) = await _published(store, 1)
+    feed = StateFeed(REDIS_URL, feed_settings.keys.state_feed, store, hub, consumer="c1", block=0.1, linger=1)
+    try:
+        await feed.step()  # creates the group
+        xadd(redis_client, feed_settings, task_id, doc(task_id, "SUCCESS", 7))
+        round_ = asyncio.create_task(feed.step())
+        deadline = time.monotonic() + 10
+        while not pending(redis_client, feed_settings):  # read: now lingering for more
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        round_.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await round_
+    finally:
+        await feed.close()
+    assert pending(redis_client, feed_settings) == 0
+    record = await store.get(task_id)
+    assert record is not None and record.state is TaskState.SUCCEEDED and record.result == 7
+    consumers = redis_client.xinfo_consumers(RedisKeys(feed_settings.key_prefix).state_feed, STATE_FEED_GROUP)
+    assert [consumer["name"] for consumer in consumers] == []
+
+
 async def test_a_refused_update_is_acknowledged_and_the_rest_written(
     feed_settings: Settings, store: TaskStore, hub: ProgressHub, redis_client: redis.Redis
 ) -> None:
