@@ -121,6 +121,10 @@ class Round:
     gateway_us: float
     pg_us: float
     bouncer_us: float | None
+    #: seconds the load generator ran (start-up and warm-up included)
+    load_s: float
+    #: seconds from the end of the load until the broker held every acknowledged task
+    lag_s: float
 
 
 @dataclass
@@ -181,14 +185,17 @@ def _measure(
     gateway_before = cpu_seconds(gateway.server.pid)
     bouncer_before = cpu_seconds(gateway.bouncer) if gateway.bouncer else 0.0
     pg_before = _backend_cpu(db, gateway)
+    started = time.monotonic()
     line = children.run_json_line(
         command, log=OUT / f"loadgen-pgbouncer-{gateway.key}.log", env=python_env(), timeout=timeout
     )
     result = LoadResult.from_json(line)
     tasks = max(result.total_calls * tasks_per_call, 1)
-    deadline = time.monotonic() + 120
+    load_end = time.monotonic()
+    deadline = load_end + 120
     while redis.queue_length() < tasks and time.monotonic() < deadline:
         time.sleep(0.02)
+    published = time.monotonic()
     if redis.queue_length() < tasks:
         raise RuntimeError(
             f"{gateway.key}: fewer than {tasks} acknowledged tasks reached the broker in 120 s"
@@ -204,6 +211,8 @@ def _measure(
         gateway_us=(cpu_seconds(gateway.server.pid) - gateway_before) / tasks * 1e6,
         pg_us=sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items()) / tasks * 1e6,
         bouncer_us=(cpu_seconds(gateway.bouncer) - bouncer_before) / tasks * 1e6 if gateway.bouncer else None,
+        load_s=load_end - started,
+        lag_s=published - load_end,
     )
 
 
@@ -286,6 +295,10 @@ def _table(
     return lines
 
 
+def _round_text(r: Round) -> str:
+    return f"{r.rate:,.0f} ({r.pg_us:.0f}, {r.load_s:.0f}+{r.lag_s:.1f}s)"
+
+
 def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_errors: int) -> str:
     lines = [
         f"## PgBouncer (transaction pooling, {POOL_SIZE} server connections) — medians of {plan.rounds} "
@@ -310,10 +323,11 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
     errors = sum(r.errors for g in gateways for r in g.enqueue + g.batch)
     lines += [
         "",
-        "Rounds, Enqueue calls/s and EnqueueBatch tasks/s (PostgreSQL CPU µs per call or task): "
+        "Rounds, Enqueue calls/s and EnqueueBatch tasks/s (PostgreSQL CPU µs per call or task, "
+        "seconds the load generator ran + until the broker held every task): "
         + "; ".join(
-            f"{g.key} {', '.join(f'{r.rate:,.0f} ({r.pg_us:.0f})' for r in g.enqueue)} and "
-            f"{', '.join(f'{r.rate:,.0f} ({r.pg_us:.0f})' for r in g.batch)}"
+            f"{g.key} {', '.join(_round_text(r) for r in g.enqueue)} and "
+            f"{', '.join(_round_text(r) for r in g.batch)}"
             for g in gateways
         )
         + ".",
