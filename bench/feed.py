@@ -13,9 +13,11 @@ only). After a warm-up it enqueues N tasks with EnqueueBatch and measures, for e
 - rows of ``tasks`` updated per task (``n_tup_upd`` of the tasks table, read while no
   gateway runs, so every backend has flushed its statistics; the warm-up tasks included).
 
-Runs alternate ON, OFF, ON, OFF… per workload: ``demo.add`` (2 states: STARTED, SUCCESS) and
-``demo.progress(3, 0)`` (5 states: STARTED, 3 PROGRESS, SUCCESS). The report gives medians,
-the ON/OFF ratio of the medians and the ratios' spread over the round pairs.
+Runs alternate ON, OFF, ON x3, ON, OFF, ON x3… per workload (ON x3: feed on with three gateway
+replicas, one consumer each of the feed's group; their CPU summed; issue 18): ``demo.add``
+(2 states: STARTED, SUCCESS) and ``demo.progress(3, 0)`` (5 states: STARTED, 3 PROGRESS,
+SUCCESS). The report gives medians, the ON/OFF ratio of the medians and the ratios' spread
+over the round pairs.
 
 ``python -m bench.feed worker on|off CELERY-ARGS...`` is the worker the runs start.
 """
@@ -78,10 +80,14 @@ class Mode:
     gateway_feed: bool
     #: more environment for both processes
     env: tuple[tuple[str, str], ...] = ()
+    #: gateway processes (one consumer each of the feed's group; the first takes the calls)
+    replicas: int = 1
 
 
 ON = Mode("feed ON", worker_feed=True, gateway_feed=True)
 OFF = Mode("feed OFF", worker_feed=False, gateway_feed=False)
+#: issue 18: with N replicas every recorder hears every pub/sub update
+ON3 = Mode("feed ON, 3 gateways", worker_feed=True, gateway_feed=True, replicas=3)
 
 
 @dataclass
@@ -200,7 +206,7 @@ async def _enqueue(target: str, workload: Workload, count: int) -> list[str]:
 
 
 async def _measure(
-    server: Server,
+    servers: list[Server],
     worker_pid: int,
     redis: PrivateRedis,
     db: PrivateDatabase,
@@ -208,15 +214,20 @@ async def _measure(
     workload: Workload,
     n: int,
 ) -> tuple[Sample, int]:
+    server = servers[0]
+
+    def gateways_cpu() -> float:
+        return sum(session_cpu(each.pid) for each in servers)
+
     conn = await asyncpg.connect(_dsn(db))
     try:
         probe = _Probe(conn, redis, feed)
         await probe.wait_succeeded(await _enqueue(server.target, workload, WARMUP))
         await probe.wait_drained()
         await asyncio.sleep(SETTLE)
-        idle = (session_cpu(worker_pid), session_cpu(server.pid))
+        idle = (session_cpu(worker_pid), gateways_cpu())
         await asyncio.sleep(IDLE)
-        cpu = (session_cpu(worker_pid), session_cpu(server.pid), cpu_seconds(redis.process.pid))
+        cpu = (session_cpu(worker_pid), gateways_cpu(), cpu_seconds(redis.process.pid))
         pg = await probe.pg_cpu()
         started = time.monotonic()
         await probe.wait_succeeded(await _enqueue(server.target, workload, n))
@@ -225,7 +236,7 @@ async def _measure(
         drained = time.monotonic()
         await asyncio.sleep(SETTLE)
         pg = await probe.pg_cpu() - pg
-        after = (session_cpu(worker_pid), session_cpu(server.pid), cpu_seconds(redis.process.pid))
+        after = (session_cpu(worker_pid), gateways_cpu(), cpu_seconds(redis.process.pid))
         window = time.monotonic() - started
     finally:
         await conn.close()
@@ -282,15 +293,20 @@ def run_once(
         "TASKGATE_STATE_FEED": "1" if mode.gateway_feed else "0",
         **dict(mode.env),
     }
-    server = start_taskgate(children, redis.url, db.url, log_name=f"taskgate-feed-{tag}.log", **env)
+    servers: list[Server] = []
     worker = None
     try:
+        for replica in range(mode.replicas):
+            log_name = f"taskgate-feed-{tag}-{replica}.log"
+            servers.append(start_taskgate(children, redis.url, db.url, log_name=log_name, **env))
         worker = _start_worker(children, redis, mode, tag)
-        sample, queries = asyncio.run(_measure(server, worker.pid, redis, db, mode.gateway_feed, workload, n))
+        measure = _measure(servers, worker.pid, redis, db, mode.gateway_feed, workload, n)
+        sample, queries = asyncio.run(measure)
     finally:
         if worker is not None:
             children.stop(worker, timeout=15)
-        children.stop(server.process, timeout=20)
+        for server in servers:
+            children.stop(server.process, timeout=20)
     time.sleep(0.5)  # the backends' exit flushes their statistics
     rows, commits = asyncio.run(_db_counts(db))
     sample.rows_per_task = (rows - rows_before) / (n + WARMUP)
@@ -384,7 +400,7 @@ def compare(
 def run_feed(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDatabase) -> str:
     """Measure the state feed's cost (ON/OFF alternating runs); return the report section."""
     n = BATCH * max(2, round(plan.throughput_duration))
-    measured = compare(children, redis, db, (ON, OFF), plan.rounds, n)
+    measured = compare(children, redis, db, (ON, OFF, ON3), plan.rounds, n)
     results = {workload: (samples[ON], samples[OFF]) for workload, samples in measured.items()}
     lines = [
         f"## State feed: ON vs OFF end to end — {n} tasks per run (EnqueueBatch x{BATCH}, {IN_FLIGHT} in "
@@ -397,6 +413,8 @@ def run_feed(plan: Plan, children: Children, redis: PrivateRedis, db: PrivateDat
     ]
     for workload, (on, off) in results.items():
         lines.extend(table(workload, on, off))
+        lines.append("")
+        lines.extend(table(workload, measured[workload][ON3], off, names=("ON x3 gateways", "OFF")))
         lines.append("")
     lines.append(_verdict(results))
     return "\n".join(lines)
