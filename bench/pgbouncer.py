@@ -51,6 +51,8 @@ from bench.plan import DEFAULT, QUICK, Plan
 from bench.procstat import tcp_connections
 from bench.servers import Server, start_taskgate
 
+#: Seconds of the no-load measurement of each gateway's background CPU (before and after the rounds).
+IDLE_SECONDS = 3.0
 #: Server connections PgBouncer keeps to PostgreSQL (the gateway's default pool is 10).
 POOL_SIZE = 10
 
@@ -139,6 +141,8 @@ class Gateway:
     bouncer: int | None = None
     enqueue: list[Round] = field(default_factory=list)
     batch: list[Round] = field(default_factory=list)
+    #: (gateway, PostgreSQL) CPU ms per second with no load, before and after the rounds
+    idle: list[tuple[float, float]] = field(default_factory=list)
 
 
 def _pg_port() -> int:
@@ -214,6 +218,20 @@ def _measure(
         load_s=load_end - started,
         lag_s=published - load_end,
     )
+
+
+def _idle(db: PrivateDatabase, gateways: list[Gateway]) -> None:
+    """Each gateway's background CPU (its loops' polls, on its own backends) with no load."""
+    before = [(cpu_seconds(g.server.pid), _backend_cpu(db, g)) for g in gateways]
+    started = time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    elapsed = time.monotonic() - started
+    for gateway, (gateway_before, pg_before) in zip(gateways, before, strict=True):
+        pg_after = _backend_cpu(db, gateway)
+        pg = sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items())
+        gateway.idle.append(
+            ((cpu_seconds(gateway.server.pid) - gateway_before) / elapsed * 1e3, pg / elapsed * 1e3)
+        )
 
 
 def _batch_command(plan: Plan, server: Server) -> list[str]:
@@ -331,6 +349,14 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
             for g in gateways
         )
         + ".",
+        f"With no load ({IDLE_SECONDS:g}s before / after the rounds), CPU ms per second of the gateway and "
+        "of its PostgreSQL backends: "
+        + "; ".join(
+            f"{g.key} {' / '.join(f'{gw:.0f}' for gw, _ in g.idle)} and "
+            f"{' / '.join(f'{pg:.0f}' for _, pg in g.idle)}"
+            for g in gateways
+        )
+        + " (background loops: counted in the CPU per call above, so slow rounds cost more per call).",
         "(a) direct = default settings (asyncpg's statement cache, named prepared statements); (b) direct",
         "+ TASKGATE_DB_PGBOUNCER=1 = the setting's own cost (no statement cache, unnamed statements);",
         "(c) through PgBouncer with the setting = what a deployment behind PgBouncer pays. PostgreSQL CPU",
@@ -374,7 +400,9 @@ def run_pgbouncer(plan: Plan, children: Children, redis: PrivateRedis, db: Priva
                 "pgbouncer", "(c) PgBouncer + TASKGATE_DB_PGBOUNCER=1", through, bouncer.pid, bouncer.pid
             ),
         ]
+        _idle(db, gateways)
         _rounds(plan, children, redis, db, gateways)
+        _idle(db, gateways)
         bad_lines = sum(server.log.read_bytes().count(b"prepared statement") for server in servers)
         return _report(plan, gateways, (load_before, _load_average()), bad_lines)
     finally:
