@@ -74,8 +74,10 @@ class QueueInfo(_message.Message):
     name: _builtins.str
     """The queue's name (Celery's default queue is "celery")."""
     broker_messages: _builtins.int
-    """Messages waiting in the broker's lists of the queue (every priority); 0 for brokers
-    other than Redis.
+    """Messages waiting in the broker for the queue: on Redis the lengths of its lists (every
+    priority), on RabbitMQ the ready messages of the queue (a passive queue.declare; not
+    those delivered to a worker and unacknowledged). RabbitMQ is asked only about the
+    queues of recorded tasks and the default queue. 0 for other brokers.
     """
     queued: _builtins.int
     """Recorded tasks of the queue in TASK_STATE_QUEUED."""
