@@ -44,7 +44,7 @@ from service.store.schedules import schedules
 from service.store.tables import tasks
 
 #: Seconds of idle gateway CPU measured before the resume (subtracted pro rata).
-IDLE = 10.0
+IDLE = 30.0
 #: Seconds after the slot after which the script stops waiting.
 GIVE_UP = 120.0
 
