@@ -13,7 +13,11 @@ call, ``plan.batch_concurrency`` in flight) against each gateway in turn, and wa
 the broker holds every acknowledged task before reading the CPU counters, so the outbox's
 publish marks are counted. PostgreSQL CPU is that of the backends serving one gateway only:
 the backends whose client port is one of the gateway's (or, for (c), PgBouncer's)
-connections to PostgreSQL, so the idle gateways' background loops are not counted.
+connections to PostgreSQL, so the idle gateways' background loops are not counted. The
+gateways' lost-message pass is off (the bench drains the broker between runs).
+
+``python -m bench.pgbouncer [--quick]`` runs this section alone (``python -m bench --only
+pgbouncer`` once it is registered there).
 """
 
 from __future__ import annotations
