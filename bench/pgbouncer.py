@@ -10,11 +10,13 @@ setting (what a deployment behind PgBouncer pays).
 Each round runs durable Enqueue (the Node load generator, ``plan.throughput_concurrency``
 in flight) and EnqueueBatch (``python -m bench.loadgen``, ``plan.batch_size`` tasks per
 call, ``plan.batch_concurrency`` in flight) against each gateway in turn, and waits until
-the broker holds every acknowledged task before reading the CPU counters, so the outbox's
-publish marks are counted. PostgreSQL CPU is that of the backends serving one gateway only:
-the backends whose client port is one of the gateway's (or, for (c), PgBouncer's)
-connections to PostgreSQL, so the idle gateways' background loops are not counted. The
-gateways' lost-message pass is off (the bench drains the broker between runs).
+the broker holds every acknowledged task and the gateway's CPU and its backends' have
+settled before reading the counters, so the outbox's publish marks (written after the
+LPUSH, for seconds after a burst) are counted in their own round. PostgreSQL CPU is that
+of the backends serving one gateway only: the backends whose client port is one of the
+gateway's (or, for (c), PgBouncer's) connections to PostgreSQL, so the idle gateways'
+background loops are not counted. The gateways' lost-message pass is off (the bench
+drains the broker between runs).
 
 ``python -m bench.pgbouncer [--quick]`` runs this section alone (``python -m bench --only
 pgbouncer`` once it is registered there).
@@ -59,6 +61,11 @@ from bench.servers import Server, start_taskgate
 #: every task would look lost after TASKGATE_LOST_QUEUED_AFTER and be republished by whichever
 #: gateway's pass runs, with its PostgreSQL work, during another gateway's round).
 GATEWAY_ENV = {"TASKGATE_LOST_QUEUED_AFTER": "1000000000"}
+#: After the broker holds every task: wait (at most SETTLE_LIMIT s) until the gateway, its
+#: backends and PgBouncer use less than SETTLED_CORES of a core over SETTLE_WINDOW s.
+SETTLE_LIMIT = 60.0
+SETTLE_WINDOW = 0.5
+SETTLED_CORES = 0.15
 #: Seconds of the no-load measurement of each gateway's background CPU (before and after the rounds).
 IDLE_SECONDS = 3.0
 #: Server connections PgBouncer keeps to PostgreSQL (the gateway's default pool is 10).
@@ -135,6 +142,8 @@ class Round:
     load_s: float
     #: seconds from the end of the load until the broker held every acknowledged task
     lag_s: float
+    #: seconds after that until the gateway and its backends were back to background work
+    settle_s: float
 
 
 @dataclass
@@ -212,6 +221,7 @@ def _measure(
         raise RuntimeError(
             f"{gateway.key}: fewer than {tasks} acknowledged tasks reached the broker in 120 s"
         )
+    settled = _settle(db, gateway)
     pg_after = _backend_cpu(db, gateway)
     if result.errors:
         announce(f"pgbouncer {gateway.key}: {result.errors} errors, first: {result.first_error}")
@@ -225,7 +235,31 @@ def _measure(
         bouncer_us=(cpu_seconds(gateway.bouncer) - bouncer_before) / tasks * 1e6 if gateway.bouncer else None,
         load_s=load_end - started,
         lag_s=published - load_end,
+        settle_s=settled - published,
     )
+
+
+def _serving_cpu(db: PrivateDatabase, gateway: Gateway) -> float:
+    bouncer = cpu_seconds(gateway.bouncer) if gateway.bouncer else 0.0
+    return cpu_seconds(gateway.server.pid) + bouncer + sum(_backend_cpu(db, gateway).values())
+
+
+def _settle(db: PrivateDatabase, gateway: Gateway) -> float:
+    """Wait until the gateway and its backends are back to background work; return when.
+
+    The broker holds every task before the outbox has marked every row published (the marks
+    are written after the LPUSH, in batches, for seconds after a burst of EnqueueBatch): that
+    work belongs to this round, not to the next run on the same backends.
+    """
+    deadline = time.monotonic() + SETTLE_LIMIT
+    before = _serving_cpu(db, gateway)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_WINDOW)
+        now = _serving_cpu(db, gateway)
+        if now - before < SETTLED_CORES * SETTLE_WINDOW:
+            break
+        before = now
+    return time.monotonic()
 
 
 def _idle(db: PrivateDatabase, gateways: list[Gateway]) -> None:
@@ -322,7 +356,7 @@ def _table(
 
 
 def _round_text(r: Round) -> str:
-    return f"{r.rate:,.0f} ({r.pg_us:.0f}, {r.load_s:.0f}+{r.lag_s:.1f}s)"
+    return f"{r.rate:,.0f} ({r.pg_us:.0f}, {r.load_s:.0f}+{r.lag_s:.1f}+{r.settle_s:.1f}s)"
 
 
 def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_errors: int) -> str:
@@ -350,7 +384,8 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
     lines += [
         "",
         "Rounds, Enqueue calls/s and EnqueueBatch tasks/s (PostgreSQL CPU µs per call or task, "
-        "seconds the load generator ran + until the broker held every task): "
+        "seconds the load generator ran + until the broker held every task + until the gateway's "
+        "CPU and its backends' settled): "
         + "; ".join(
             f"{g.key} {', '.join(_round_text(r) for r in g.enqueue)} and "
             f"{', '.join(_round_text(r) for r in g.batch)}"
@@ -369,7 +404,8 @@ def _report(plan: Plan, gateways: list[Gateway], load: tuple[str, str], bouncer_
         "+ TASKGATE_DB_PGBOUNCER=1 = the setting's own cost (no statement cache, unnamed statements);",
         "(c) through PgBouncer with the setting = what a deployment behind PgBouncer pays. PostgreSQL CPU",
         "= the backends serving that gateway (for (c): PgBouncer's server connections); every round waits",
-        "until Redis holds every acknowledged task, so the outbox's publish marks are counted.",
+        "until Redis holds every acknowledged task and then until the gateway, its backends and",
+        f"PgBouncer use < {SETTLED_CORES:g} core, so the outbox's publish marks are counted in their round.",
         f"Load average before / after the section: {load[0]} / {load[1]} (a shared machine: compare the",
         "ratios, not the absolute numbers).",
         "",
