@@ -21,13 +21,15 @@ the gateways' CPU seconds from the insert until the last firing is published.
 Target: p99 ≤ 2 s, and no duplicate with two gateways on one database.
 
 The third case adds the Python Enqueue load generator (``bench.loadgen``, ``LOAD_CONCURRENCY``
-calls in flight) against the gateway twice in the same run: a window just before the lead
-window opens (no schedule work), and a window from the start of the lead to 2 s after the
-slot (deciding 10,000 slots ahead, then publishing them). Flower (``bench.flower``, its
-async-apply through ``bench.httpload``, the same calls in flight) runs on the same Redis
-just before the quiet window and again once every firing is published. Reported: the
-Enqueue rates, taskgate / Flower quiet and while firing (the issue asks that the ratio
-against Flower does not fall), firing / quiet, and that case's lags.
+calls in flight) against the gateway three times in the same run: a quiet window just
+before the lead window opens (no schedule work), a window from the start of the lead to 2 s
+after the slot (deciding 10,000 slots ahead, then publishing them), and a second quiet
+window once every firing is published (the two quiet windows bracket the firing one, so a
+machine whose speed drifts shows as a difference between them). Flower (``bench.flower``,
+its async-apply through ``bench.httpload``, the same calls in flight) runs on the same Redis
+just before the first quiet window and again after the second. Reported: the Enqueue rates,
+taskgate / Flower quiet (mean of both quiet windows) and while firing (the issue asks that
+the ratio against Flower does not fall), firing / quiet, and that case's lags.
 
 ``BENCH_SCHEDULES_CASES`` (comma-separated ``1``, ``2``, ``load``; default all three) runs
 only some cases, for comparing variants of the firing code.
@@ -64,7 +66,7 @@ TARGET_P99 = 2.0
 LEAD_SECONDS = LEAD.total_seconds()
 #: Enqueue calls in flight in the load case, and its quiet windows' length in seconds.
 LOAD_CONCURRENCY = 16
-QUIET_WINDOW = 5.0
+QUIET_WINDOW = 15.0
 #: The slot is at least this many seconds after the schedules are resumed: room for the
 #: quiet windows (Flower, then taskgate) before the lead window opens.
 MARGIN = LEAD_SECONDS + 2 * QUIET_WINDOW + 12.0
@@ -94,8 +96,9 @@ class Outcome:
     per_gateway: list[int]
     #: os.getloadavg()[0] before the slot and after the last firing
     load: tuple[float, float]
-    #: the Enqueue load case: (quiet, while firing) results
-    enqueue: tuple[LoadResult, LoadResult] | None = None
+    #: the Enqueue load case: (quiet before the lead window, while firing, quiet after every
+    #: firing is published) results; quiet is measured on both sides, so drift shows
+    enqueue: tuple[LoadResult, LoadResult, LoadResult] | None = None
     #: the Enqueue load case: Flower's async-apply before the quiet window and after the firings
     flower: tuple[LoadResult, LoadResult] | None = None
     #: CPU seconds of the gateways from the schedules' insert until every firing was published
@@ -236,7 +239,7 @@ async def _drive(
 ) -> tuple[tuple[list[float], int, int, int, int, int], tuple[LoadResult, ...] | None]:
     """Write, resume and wait for ``count`` schedules on ``url`` (under the load of ``loads``,
     if given); what ``_collect`` reads, and the load windows (Flower before, taskgate quiet,
-    taskgate firing, Flower after)."""
+    taskgate firing, taskgate quiet again, Flower after)."""
     engine = create_async_engine(url, poolclass=NullPool)
     try:
         started = time.monotonic()
@@ -248,8 +251,9 @@ async def _drive(
         await _settle(engine, count, slot)
         if loads is None or before is None:
             return await _collect(engine), None
+        quiet_after = await asyncio.to_thread(loads.taskgate, 0.5, QUIET_WINDOW)
         after = await asyncio.to_thread(loads.flower, 0.5, QUIET_WINDOW)
-        return await _collect(engine), (*before, after)
+        return await _collect(engine), (*before, quiet_after, after)
     finally:
         await engine.dispose()
 
@@ -310,8 +314,8 @@ def _case(plan: Plan, children: Children, redis: PrivateRedis, replicas: int, lo
         redis.drain_broker()
     enqueue = flowers = None
     if windows is not None:
-        flower_before, quiet, firing, flower_after = windows
-        enqueue, flowers = (quiet, firing), (flower_before, flower_after)
+        flower_before, quiet, firing, quiet_after, flower_after = windows
+        enqueue, flowers = (quiet, firing, quiet_after), (flower_before, flower_after)
     return Outcome(
         name, plan.schedules, lags, firings, fired, duplicates, unpublished, skipped, messages,
         per_gateway, (load_before, load_after), enqueue, flowers, gateway_cpu,
@@ -340,9 +344,10 @@ def _window(label: str, result: LoadResult) -> str:
 def _enqueue_lines(outcome: Outcome) -> list[str]:
     if outcome.enqueue is None or outcome.flower is None:
         return []
-    quiet, firing = outcome.enqueue
+    quiet, firing, quiet_after = outcome.enqueue
     before, after = outcome.flower
     flower = (before.rate + after.rate) / 2
+    calm = (quiet.rate + quiet_after.rate) / 2
     return [
         "",
         f"Enqueue while firing ({outcome.name}; {LOAD_CONCURRENCY} calls in flight, Python load generators):",
@@ -352,11 +357,12 @@ def _enqueue_lines(outcome: Outcome) -> list[str]:
         _window(f"Flower async-apply, before the quiet window ({QUIET_WINDOW:g} s)", before),
         _window(f"taskgate Enqueue, quiet (before the lead window, {QUIET_WINDOW:g} s)", quiet),
         _window(f"taskgate Enqueue, firing (lead window to slot + 2 s, {LEAD_SECONDS + 2:g} s)", firing),
+        _window(f"taskgate Enqueue, quiet (every firing published, {QUIET_WINDOW:g} s)", quiet_after),
         _window(f"Flower async-apply, after every firing is published ({QUIET_WINDOW:g} s)", after),
         "",
-        f"taskgate / Flower (mean of both Flower windows, {flower:,.0f}/s): quiet "
-        f"{_div(quiet.rate, flower):.2f}, while firing {_div(firing.rate, flower):.2f}; "
-        f"firing / quiet {_div(firing.rate, quiet.rate):.2f}. The broker messages of that case include "
+        f"taskgate / Flower (mean of both Flower windows, {flower:,.0f}/s): quiet (mean of both "
+        f"quiet windows) {_div(calm, flower):.2f}, while firing {_div(firing.rate, flower):.2f}; "
+        f"firing / quiet {_div(firing.rate, calm):.2f}. The broker messages of that case include "
         "both loads' tasks.",
     ]
 
