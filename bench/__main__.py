@@ -23,6 +23,7 @@ from bench.flower import start_flower
 from bench.infra import OUT, ROOT, Children, PrivateDatabase, PrivateRedis, announce
 from bench.listing import run_listing
 from bench.operations import run_operations
+from bench.pgbouncer import run_pgbouncer
 from bench.plan import DEFAULT, QUICK, Plan
 from bench.profile import profile_taskgate
 from bench.scaleout import run_scaleout
@@ -106,6 +107,7 @@ SECTIONS: dict[str, Callable[[Plan, Children, PrivateRedis, PrivateDatabase], st
     "schedules": run_schedules,
     "operations": run_operations,
     "amqp": run_amqp,
+    "pgbouncer": run_pgbouncer,
     "feed": run_feed,
 }
 

@@ -51,7 +51,7 @@ from bench.scaleout_audit import (
     report,
     wait_settled,
 )
-from bench.servers import Server, broker_env
+from bench.servers import LOST_QUEUED_OFF, Server, broker_env
 from service.usecases.tasks import DISPATCH_LEAD
 
 #: Redis key prefix of this section's gateways: their queue is ``scaleout:celery``.
@@ -121,6 +121,7 @@ class _Context:
             TASKGATE_REUSE_PORT="1",
             TASKGATE_KEY_PREFIX=PREFIX,
             TASKGATE_SCHEDULE_HORIZON=str(HORIZON),
+            TASKGATE_LOST_QUEUED_AFTER=LOST_QUEUED_OFF,  # see start_taskgate
             **env,
         )
         process = self.children.spawn([sys.executable, "-m", "service", "serve"], log=log, env=environment)
