@@ -86,3 +86,16 @@ async def enqueue(stub: pb_grpc.TaskServiceStub, task_name: str, *positional: An
     """Enqueue ``task_name`` with arguments; return its task id."""
     request = pb.EnqueueRequest(task_name=task_name, args=args(*positional), kwargs=kwargs(**named))
     return (await stub.Enqueue(request)).task_id
+
+
+async def fired(stub: pb_grpc.TaskServiceStub, schedule_id: str) -> list[pb.Task]:
+    """Every task the schedule fired, oldest first."""
+    query = pb.ListTasksRequest(
+        filter=f'schedule_id = "{schedule_id}"', order_by="create_time asc", page_size=1000
+    )
+    return list((await stub.ListTasks(query)).tasks)
+
+
+def slot_ms(task: pb.Task) -> int:
+    """The slot of a firing, from its request_id (``schedule:<id>:<created>:<slot ms>``)."""
+    return int(task.request_id.rsplit(":", 1)[1])

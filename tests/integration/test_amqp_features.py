@@ -35,7 +35,7 @@ from taskgate.v1 import workflow_service_pb2 as wpb
 from taskgate.v1 import workflow_service_pb2_grpc as wpb_grpc
 from tests import amqp_fixtures
 from tests.amqp_fixtures import FAST, broker_worker, runs_by_tag, wait_runs
-from tests.helpers import args, value, wait_state
+from tests.helpers import args, fired, slot_ms, value, wait_state
 from tests.processes import GatewayProcess, gateway_process
 
 # the fixtures this module uses (Redis and RabbitMQ)
@@ -144,19 +144,6 @@ async def test_terminate_ends_a_running_task_by_revoke(
 
 
 # --- schedules
-
-
-async def fired(stub: pb_grpc.TaskServiceStub, schedule_id: str) -> list[pb.Task]:
-    """Every task the schedule fired, oldest first."""
-    query = pb.ListTasksRequest(
-        filter=f'schedule_id = "{schedule_id}"', order_by="create_time asc", page_size=1000
-    )
-    return list((await stub.ListTasks(query)).tasks)
-
-
-def slot_ms(task: pb.Task) -> int:
-    """The slot of a firing, from its request_id (``schedule:<id>:<created>:<slot ms>``)."""
-    return int(task.request_id.rsplit(":", 1)[1])
 
 
 async def test_a_schedule_fires_each_slot_once_and_the_tasks_run(

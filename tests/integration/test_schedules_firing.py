@@ -23,7 +23,7 @@ from taskgate.v1 import schedule_service_pb2 as spb
 from taskgate.v1 import schedule_service_pb2_grpc as spb_grpc
 from taskgate.v1 import task_service_pb2 as pb
 from taskgate.v1 import task_service_pb2_grpc as pb_grpc
-from tests.helpers import args, wait_state
+from tests.helpers import args, fired, slot_ms, wait_state
 from tests.processes import GatewayProcess, start_gateway
 
 POLL = {"TASKGATE_SCHEDULE_POLL_INTERVAL": "0.2"}
@@ -53,19 +53,6 @@ def interval_schedule(
     schedule = spb.Schedule(schedule_id=schedule_id, task=pb.TaskTemplate(task_name=task, args=args(*values)))
     schedule.interval.FromTimedelta(dt.timedelta(seconds=seconds))
     return schedule
-
-
-async def fired(stub: pb_grpc.TaskServiceStub, schedule_id: str) -> list[pb.Task]:
-    """Every task the schedule fired, oldest first."""
-    query = pb.ListTasksRequest(
-        filter=f'schedule_id = "{schedule_id}"', order_by="create_time asc", page_size=1000
-    )
-    return list((await stub.ListTasks(query)).tasks)
-
-
-def slot_ms(task: pb.Task) -> int:
-    """The slot of a firing, from its request_id (``schedule:<id>:<created>:<slot ms>``)."""
-    return int(task.request_id.rsplit(":", 1)[1])
 
 
 async def test_two_replicas_fire_each_slot_once(
