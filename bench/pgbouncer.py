@@ -57,10 +57,6 @@ from bench.plan import DEFAULT, QUICK, Plan
 from bench.procstat import tcp_connections
 from bench.servers import Server, start_taskgate
 
-#: Every gateway here: the lost-message pass off (the bench drains the broker between runs, so
-#: every task would look lost after TASKGATE_LOST_QUEUED_AFTER and be republished by whichever
-#: gateway's pass runs, with its PostgreSQL work, during another gateway's round).
-GATEWAY_ENV = {"TASKGATE_LOST_QUEUED_AFTER": "1000000000"}
 #: After the broker holds every task: wait (at most SETTLE_LIMIT s) until the gateway, its
 #: backends and PgBouncer use less than SETTLED_CORES of a core over SETTLE_WINDOW s.
 SETTLE_LIMIT = 60.0
@@ -427,7 +423,7 @@ def run_pgbouncer(plan: Plan, children: Children, redis: PrivateRedis, db: Priva
     servers: list[Server] = []
     try:
         announce(f"pgbouncer on port {bouncer.port}; starting three gateways")
-        direct = start_taskgate(children, redis.url, db.url, log_name="taskgate-pg-direct.log", **GATEWAY_ENV)
+        direct = start_taskgate(children, redis.url, db.url, log_name="taskgate-pg-direct.log")
         servers.append(direct)
         setting = start_taskgate(
             children,
@@ -435,7 +431,6 @@ def run_pgbouncer(plan: Plan, children: Children, redis: PrivateRedis, db: Priva
             db.url,
             log_name="taskgate-pg-setting.log",
             TASKGATE_DB_PGBOUNCER="1",
-            **GATEWAY_ENV,
         )
         servers.append(setting)
         through = start_taskgate(
@@ -444,7 +439,6 @@ def run_pgbouncer(plan: Plan, children: Children, redis: PrivateRedis, db: Priva
             bouncer.url,
             log_name="taskgate-pg-bouncer.log",
             TASKGATE_DB_PGBOUNCER="1",
-            **GATEWAY_ENV,
         )
         servers.append(through)
         gateways = [

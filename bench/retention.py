@@ -40,13 +40,9 @@ from service.usecases.operations import (
     RETENTION_SLOWDOWN,
 )
 
-#: The retention gateway: nothing else on (the bench drains the broker between runs, and the
-#: lost-message pass republishing those tasks would be load in some phases only).
-_ENV = {
-    "TASKGATE_METRICS_LISTEN": "",
-    "OTEL_TRACES_EXPORTER": "none",
-    "TASKGATE_LOST_QUEUED_AFTER": "1000000000",
-}
+#: The retention gateway: nothing else on (the lost-message pass is off in every bench
+#: gateway, ``start_taskgate``).
+_ENV = {"TASKGATE_METRICS_LISTEN": "", "OTEL_TRACES_EXPORTER": "none"}
 _RETENTION_DONE = re.compile(rb"retention: deleted (\d+) tasks finished before \S+ in ([\d.]+)s")
 #: Seconds after the gateway is launched at which the filled rows expire: later than its first
 #: retention pass (at start-up, which took 10 s and more on a busy machine), earlier than its

@@ -79,12 +79,7 @@ async def reset_queues(url: str, *names: str) -> None:
 def broker_settings(request: pytest.FixtureRequest, settings: Settings, run_id: str) -> Iterator[Settings]:
     """Settings on a private database and key prefix, with Redis or RabbitMQ as the broker
     (the result backend is Redis either way)."""
-    broker = REDIS_URL
-    if request.param == "amqp":
-        broker = request.getfixturevalue("amqp_vhost")
-        asyncio.run(reset_queues(broker, "celery"))
-    with private_settings(settings, run_id, broker) as private:
-        yield private
+    yield from _broker_private(request, settings, run_id)
 
 
 @pytest.fixture(scope="module", params=BROKERS)
@@ -94,6 +89,12 @@ def module_broker_settings(
     """``broker_settings`` shared by a module's tests (one database, key prefix and fresh
     ``celery`` queue per broker): for tests that share a gateway, each on tags, and where it
     matters queues, of its own."""
+    yield from _broker_private(request, settings, run_id)
+
+
+def _broker_private(request: pytest.FixtureRequest, settings: Settings, run_id: str) -> Iterator[Settings]:
+    """The body of both broker fixtures: the broker of ``request.param`` (a fresh ``celery``
+    queue on RabbitMQ) and private settings on it."""
     broker = REDIS_URL
     if request.param == "amqp":
         broker = request.getfixturevalue("amqp_vhost")
