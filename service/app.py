@@ -106,9 +106,11 @@ class Runtime:
             raise
         publisher = publisher_for(settings, queue_max_priority=settings.queue_max_priority or None)
         adoption = AdoptionStore(store.engine) if settings.adopt_foreign else None
-        recorder = Recorder(store, reconcile_interval=settings.reconcile_interval, adoption=adoption)
-        # with the state feed on, a task's pub/sub updates are written only until this
-        # process's feed has read the task (``Recorder.fed``; see service/results/feed.py)
+        recorder = Recorder(
+            store, reconcile_interval=settings.reconcile_interval, adoption=adoption, feed=settings.state_feed
+        )
+        # with the state feed on, pub/sub updates the feed also carries are left to it
+        # (``Recorder.record_published``; see service/results/feed.py)
         on_update = recorder.record_published if settings.state_feed else recorder.record
         hub = ProgressHub(settings.result_backend, settings.task_meta_prefix, on_update)
         hub.on_resubscribe(recorder.request_reconcile)

@@ -145,6 +145,13 @@ class TaskUpdate:
     worker: str | None = None
     #: what the document says of the call (``result_extended``); only adoption reads it
     origin: TaskOrigin | None = field(default=None, compare=False)
+    #: the document says the state feed carries it too (a taskgate worker wrote it): a
+    #: gateway consuming the feed writes it from there, not from pub/sub
+    in_feed: bool = field(default=False, compare=False)
+    #: where the state feed's entry of this update stands in the stream (``feed_position``
+    #: of service/results/feed.py; None: not from the feed): an unfinished task does not
+    #: take an update older than one it has taken (replicas write entries out of order)
+    feed_position: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

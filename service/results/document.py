@@ -18,7 +18,7 @@ import orjson
 from kombu.utils.json import loads
 
 from service.domain.model import Progress, TaskError, TaskOrigin, TaskState, TaskUpdate
-from taskgate.worker.contract import PROGRESS_STATE
+from taskgate.worker.contract import FEED_MARK, PROGRESS_STATE
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def parse_document(task_id: str, document: Mapping[str, Any], observed: dt.datet
         retries=retries if isinstance(retries, int) else None,
         start_time=_start_time(status, result, observed) if state is TaskState.RUNNING else None,
         origin=_origin(document),
+        in_feed=document.get(FEED_MARK) == 1,
     )
     if status == PROGRESS_STATE or (state is TaskState.RUNNING and status != "STARTED"):
         return replace(update, progress=_progress(result))

@@ -19,16 +19,21 @@ once the write has committed. So:
   it has read (``close`` waits for it), then leaves the group if it holds nothing;
 - a gateway that dies holding entries: another replica takes them over (XAUTOCLAIM) once
   they have been idle ``claim_idle`` seconds;
+- replicas read a task's entries out of order (each round takes the next entries, whoever
+  holds the task's earlier ones; a takeover writes old entries late): every update carries
+  its entry's position (``feed_position``), and an unfinished task does not take one older
+  than the newest it has taken, so its state and progress never go back;
 - an entry whose update the database refuses (``StatementRejected``) or that does not
   decode is logged and acknowledged: one bad document never blocks the feed.
 
 Pub/sub (``hub.py``) stays the fast path for streams; the feed hands watchers the terminal
 states it writes (and every state while the subscription is down). The recorder keeps
-writing what pub/sub brings for workers without the library; for the tasks this consumer
-has read (``on_read``, wired to ``Recorder.fed``) it leaves the write to the feed, and of
-their states read from Redis (a status read's refresh, the reconcile) it writes only a
-terminal one: such a read may be older than a state the feed has written meanwhile, and
-would take the record back (``Recorder.record``). Redis failures are the domain's
+writing what pub/sub brings for workers without the library; the documents a feed worker
+marks (``contract.FEED_MARK``), and the tasks this consumer has read (``on_read``, wired to
+``Recorder.fed``), it leaves to the feed, on every replica: each state is written once, by
+the replica that reads its entry. Of their states read from Redis (a status read's refresh,
+the reconcile) it writes only a terminal one: such a read may be older than a state the feed
+has written meanwhile, and would take the record back (``Recorder.record``). Redis failures are the domain's
 ``ResultBackendUnavailable``.
 """
 
@@ -41,6 +46,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -62,6 +68,21 @@ Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 #: The cursor of an XAUTOCLAIM scan that has gone round the whole pending list.
 _SCAN_DONE = b"0-0"
+
+
+#: ``feed_position``: a stream entry id ``<ms>-<seq>`` as one integer, ``ms * SEQ_SPAN + seq``
+#: (seq capped at ``SEQ_SPAN - 1``: a million entries in one millisecond do not happen).
+SEQ_SPAN = 1_000_000
+
+
+def feed_position(entry_id: bytes | str) -> int | None:
+    """The order of an entry in the stream as an integer (BIGINT until the year 2262);
+    None for an id that is not ``<ms>-<seq>``."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = raw.partition("-")
+    if not (ms.isdigit() and seq.isdigit()):
+        return None
+    return int(ms) * SEQ_SPAN + min(int(seq), SEQ_SPAN - 1)
 
 
 def consumer_name() -> str:
@@ -267,6 +288,7 @@ class StateFeed:
             update = parse_payload(task_id.decode(errors="replace"), doc, now)
             if update is None:
                 continue
+            update = replace(update, feed_position=feed_position(entry_id))
             older = updates.get(update.task_id)
             updates[update.task_id] = update if older is None else merge_updates(older, update)
         return updates

@@ -7,13 +7,16 @@ unfinished task (all of them, page by page) after each (re)subscribe and every
 ``reconcile_interval`` seconds. The durable path is the state feed (``feed.py``); the
 reconcile covers workers that do not write it and entries the feed's trimming dropped.
 
-With the feed on, a state would otherwise be written twice (once from pub/sub, once from
-the feed): the feed tells the recorder which tasks it has read (``fed``), and the pub/sub
-updates of those tasks (``record_published``) are then left to the feed, including one
-still pending here; of their states read from Redis (``record``) only a terminal one is
-written, since a read may be older than what the feed has written meanwhile. ``fed`` is
-this process's own: with several replicas, each entry goes to one of them, and the others
-write a task's pub/sub updates until their own feed reads one of its entries.
+With the feed on (``feed=True``), a state would otherwise be written twice, or once per
+replica: every replica receives every pub/sub message, while each feed entry goes to one
+replica. A taskgate worker marks every document it also appends to the feed
+(``contract.FEED_MARK``, ``TaskUpdate.in_feed``): the pub/sub copy of a marked document
+(``record_published``) is left to the feed, so each state is written once by the replica
+that reads its entry; of marked states read from Redis (``record``: a status read's
+refresh, the reconcile) only a terminal one is written, since a read may be older than
+what the feed has written meanwhile. Documents without the mark (a worker from before the
+mark that still feeds) are matched by task instead: the feed tells the recorder which
+tasks this process has read (``fed``), and their pub/sub updates are left to it from then on.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ class Recorder:
         batch_size: int = 500,
         reconcile_interval: float = 30.0,
         adoption: AdoptionStore | None = None,
+        feed: bool = False,
     ) -> None:
         self._store = store
+        #: this process consumes the state feed: marked documents are written from there
+        self._feed = feed
         #: inserts rows for tasks sent around the gateway first (None: TASKGATE_ADOPT_FOREIGN off)
         self._adoption = adoption
         self._flush_interval = flush_interval
@@ -79,27 +85,31 @@ class Recorder:
         """Queue an update read from Redis (a status read's refresh, a reconcile) for
         writing; never blocks.
 
-        Of a task the state feed writes (``fed``) only a terminal state is queued: the
-        feed writes every state in order, and a state read from Redis a moment ago may
-        already be older than one the feed has written since; written after it, it would
-        take the record back (a further progress replaced by an earlier one, and a final
-        progress lost when the terminal state, which carries none, follows). A terminal
-        state cannot take anything back (the record then takes only a further progress).
+        Of a task the state feed writes (marked ``in_feed``, or ``fed``) only a terminal
+        state is queued: the feed writes every state, and a state read from Redis a moment
+        ago may already be older than one the feed has written since; written after it, it
+        would take the record back (a further progress replaced by an earlier one, and a
+        final progress lost when the terminal state, which carries none, follows). A
+        terminal state cannot take anything back (the record then takes only a further
+        progress).
         """
-        if update.task_id in self._fed and not update.state.terminal:
+        if not update.state.terminal and self._left_to_feed(update):
             return
         self._published.discard(update.task_id)
         self._queue(update)
 
     def record_published(self, update: TaskUpdate) -> None:
-        """``record`` for an update pub/sub brought; left to the state feed when it writes
-        the task's states (``fed``). Never blocks."""
-        task_id = update.task_id
-        if task_id in self._fed:
+        """``record`` for an update pub/sub brought; left to the state feed when the feed
+        carries it (``in_feed``, or the task is ``fed``). Never blocks."""
+        if self._left_to_feed(update):
             return
-        if task_id not in self._pending:
-            self._published.add(task_id)
+        if update.task_id not in self._pending:
+            self._published.add(update.task_id)
         self._queue(update)
+
+    def _left_to_feed(self, update: TaskUpdate) -> bool:
+        """Whether this process's state feed writes ``update`` (or a newer state of its task)."""
+        return (self._feed and update.in_feed) or update.task_id in self._fed
 
     def fed(self, task_ids: Iterable[str]) -> None:
         """Note tasks the state feed has read: it writes their states, so their pub/sub

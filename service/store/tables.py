@@ -75,6 +75,10 @@ tasks = sa.Table(
     sa.Column("schedule_id", sa.String(255), nullable=True),
     sa.Column("workflow_id", sa.String(64), nullable=True),
     sa.Column("adopted", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The state feed's position (stream entry id as ms * 10**6 + seq) of the newest state
+    # from the feed written to the task (migration 0009): an older one, written later by
+    # another replica, does not take the task back (service/store/transition.py).
+    sa.Column("feed_position", sa.BigInteger, nullable=True),
 )
 sa.Index(
     "ix_tasks_outbox",

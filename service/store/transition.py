@@ -9,6 +9,13 @@ started it (``worker``: set when the update names one, never cleared by an updat
 recovery pass watches its heartbeat). A terminal row takes only the rule's ``late``
 fill-ins (an earlier start, a further progress) and nothing else; a row neither unfinished
 nor filled in is not written at all.
+
+Updates from the state feed carry their entry's position in the stream (``feed_position``),
+and replicas may write a task's entries out of order: an unfinished row whose last feed
+position is newer than a non-terminal update's takes from it only what a terminal row would
+(the late fill-ins), plus, in PostgreSQL, its worker (a STARTED overtaken by its first
+progress still names the worker the recovery pass must watch; ``taskgate dev``'s single
+gateway never reads out of order).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from service.store.tables import TERMINAL, UTCDateTime, tasks
 _SUCCEEDED = TaskState.SUCCEEDED.value
 #: The column (and ``TaskUpdate`` field) of the worker that started a task.
 WORKER_FIELD = "worker"
+#: The column (and ``TaskUpdate`` field) of the state feed's position of the newest state
+#: from the feed a task has taken.
+POSITION_FIELD = "feed_position"
 
 
 def _is_json(field: str) -> bool:
@@ -44,6 +54,8 @@ def _array_type(field: str) -> str:
     kind = tasks.c[field].type
     if isinstance(kind, sa.JSON):
         return "text"
+    if isinstance(kind, sa.BigInteger):
+        return "bigint"
     if isinstance(kind, UTCDateTime):
         return "timestamptz"
     if isinstance(kind, sa.Integer):
@@ -91,7 +103,17 @@ def _late_sql(field: str, late: Take) -> str:
     return f"({condition})"
 
 
-_UNFINISHED = "t.state NOT IN ({})".format(", ".join(f"'{state}'" for state in TERMINAL))
+_TERMINAL_LIST = ", ".join(f"'{state}'" for state in TERMINAL)
+_UNFINISHED = f"t.state NOT IN ({_TERMINAL_LIST})"
+#: The update is not older than what the row has taken from the state feed (a terminal state
+#: always counts as news: the rule itself keeps it from being overwritten).
+_FRESH = (
+    f"(u.{POSITION_FIELD} IS NULL OR t.{POSITION_FIELD} IS NULL OR u.{POSITION_FIELD} > t.{POSITION_FIELD}"
+    f" OR u.state IN ({_TERMINAL_LIST}))"
+)
+#: The row takes the update by the rule: unfinished, and the update not older than its last.
+#: Otherwise (terminal, or a feed entry older than one already taken) only the late fill-ins.
+_TAKES = f"({_UNFINISHED} AND {_FRESH})"
 
 
 def _set(rule: FieldRule) -> tuple[str, str | None]:
@@ -99,11 +121,11 @@ def _set(rule: FieldRule) -> tuple[str, str | None]:
     field = rule.field
     value = _not_after_sql(_sql(rule)) if field == START_FIELD else _sql(rule)
     if rule.late is None:
-        return f"{field} = CASE WHEN {_UNFINISHED} THEN {value} ELSE t.{field} END", None
+        return f"{field} = CASE WHEN {_TAKES} THEN {value} ELSE t.{field} END", None
     fill = _late_sql(field, rule.late)
     new = f"u.{field}::jsonb" if _is_json(field) else f"u.{field}"
     clause = (
-        f"{field} = CASE\n        WHEN {_UNFINISHED} THEN {value}\n"
+        f"{field} = CASE\n        WHEN {_TAKES} THEN {value}\n"
         f"        WHEN {fill} THEN {new}\n        ELSE t.{field}\n    END"
     )
     return clause, fill
@@ -122,7 +144,9 @@ def _unnest_update() -> str:
         (WORKER_FIELD, f"coalesce(u.{WORKER_FIELD}, t.{WORKER_FIELD})"),
     ]:
         sets.append(f"{field} = CASE WHEN {_UNFINISHED} THEN {value} ELSE t.{field} END")
-    fields.append(WORKER_FIELD)
+    position = f"greatest(t.{POSITION_FIELD}, u.{POSITION_FIELD})"
+    sets.append(f"{POSITION_FIELD} = CASE WHEN {_TAKES} THEN {position} ELSE t.{POSITION_FIELD} END")
+    fields += [WORKER_FIELD, POSITION_FIELD]
     arrays = ["$1::varchar[]"] + [f"${i}::{_array_type(field)}[]" for i, field in enumerate(fields, 2)]
     assignments = ",\n    ".join(sets)
     written = "\n        OR ".join([_UNFINISHED, *fills])
@@ -141,15 +165,15 @@ WHERE t.task_id = u.task_id
 
 #: Every update of a batch in one statement: one array per value of ``update_row``.
 UNNEST_UPDATE = _unnest_update()
-#: Values per row of ``update_row``: the task_id, the rule's fields, the worker.
-UPDATE_WIDTH = 2 + len(TRANSITION_RULES)
+#: Values per row of ``update_row``: the task_id, the rule's fields, the worker, the position.
+UPDATE_WIDTH = 3 + len(TRANSITION_RULES)
 _JSON_FIELDS = frozenset(rule.field for rule in TRANSITION_RULES if _is_json(rule.field))
 
 
 def update_row(update: TaskUpdate) -> tuple[Any, ...]:
     """One update in ``UNNEST_UPDATE``'s array order: the task_id, then what it brings for
     each field of the rule (JSON encoded; a result only with SUCCEEDED, where it is used),
-    then its worker."""
+    then its worker and its feed position."""
     values: list[Any] = [update.task_id]
     for rule in TRANSITION_RULES:
         value = incoming(update, rule.field)
@@ -162,6 +186,7 @@ def update_row(update: TaskUpdate) -> tuple[Any, ...]:
             value = update.state.value
         values.append(value)
     values.append(update.worker)
+    values.append(update.feed_position)
     return tuple(values)
 
 
@@ -194,6 +219,10 @@ def update_values(update: TaskUpdate) -> dict[str, Any]:
         values[START_FIELD] = sa.case((sa.or_(start.is_(None), start > bound), bound), else_=start)
     if update.worker is not None:
         values[WORKER_FIELD] = update.worker
+    if update.feed_position is not None:  # the row took it (``takes``): never an older one
+        column = tasks.c[POSITION_FIELD]
+        bigger = sa.or_(column.is_(None), column < update.feed_position)
+        values[POSITION_FIELD] = sa.case((bigger, update.feed_position), else_=column)
     values["publish_after"] = None
     observed = sa.literal(update.observed_time, UTCDateTime())
     values["publish_time"] = sa.func.coalesce(tasks.c.publish_time, observed)
@@ -218,8 +247,10 @@ def _late_condition(field: str, late: Take, new: Any) -> sa.ColumnElement[bool]:
 
 
 def late_fill_update(update: TaskUpdate) -> sa.Update | None:
-    """The portable UPDATE of what ``update`` still fills in on its task's row when that row
-    is terminal (the rule's ``late`` takes); None when the update brings no such value."""
+    """The portable UPDATE of a row that does not take ``update`` by the rule (``takes``):
+    a terminal row takes the rule's ``late`` fill-ins, and an unfinished row the update is
+    older than (a feed entry) takes them too, plus the worker and the outbox fields, as
+    ``UNNEST_UPDATE`` writes it; None when the update can change no such row."""
     values: dict[str, Any] = {}
     conditions: list[sa.ColumnElement[bool]] = []
     for rule in TRANSITION_RULES:
@@ -231,22 +262,54 @@ def late_fill_update(update: TaskUpdate) -> sa.Update | None:
         column = tasks.c[rule.field]
         values[rule.field] = sa.case((condition, sa.literal(value, column.type)), else_=column)
         conditions.append(condition)
-    if not values:
+    filled = sa.and_(tasks.c.state.in_(TERMINAL), sa.or_(*conditions)) if conditions else None
+    stale = _stale(update)
+    if stale is not None:
+        unfinished = not_terminal()
+        if update.worker is not None:
+            worker = tasks.c[WORKER_FIELD]
+            values[WORKER_FIELD] = sa.case((unfinished, update.worker), else_=worker)
+        observed = sa.literal(update.observed_time, UTCDateTime())
+        values["publish_after"] = sa.case((unfinished, None), else_=tasks.c.publish_after)
+        values["publish_time"] = sa.case(
+            (unfinished, sa.func.coalesce(tasks.c.publish_time, observed)), else_=tasks.c.publish_time
+        )
+    written = [where for where in (filled, stale) if where is not None]
+    if not written:
         return None
-    where = [tasks.c.task_id == update.task_id, tasks.c.state.in_(TERMINAL), sa.or_(*conditions)]
-    return tasks.update().where(*where).values(values)
+    return tasks.update().where(tasks.c.task_id == update.task_id, sa.or_(*written)).values(values)
+
+
+def _stale(update: TaskUpdate) -> sa.ColumnElement[bool] | None:
+    """When an unfinished row has taken a newer feed entry than ``update`` (None: ``update``
+    is terminal or not from the feed, and cannot be older)."""
+    position = update.feed_position
+    if position is None or update.state.terminal:
+        return None
+    return sa.and_(not_terminal(), tasks.c[POSITION_FIELD] >= position)
 
 
 def portable_updates(update: TaskUpdate) -> list[sa.Update]:
     """The portable UPDATEs of one task, run in this order: the late fill-ins of a row that
-    is already terminal (``late_fill_update``), then the rule's UPDATE of an unfinished row.
-    At most one of them changes the row: the first only a terminal row, which the second
-    never touches."""
+    does not take the update by the rule (``late_fill_update``), then the rule's UPDATE of a
+    row that takes it (``takes``). At most one of them changes the row: the first only a
+    row the second never touches."""
     normal = (
-        tasks.update().where(tasks.c.task_id == update.task_id, not_terminal()).values(update_values(update))
+        tasks.update().where(tasks.c.task_id == update.task_id, takes(update)).values(update_values(update))
     )
     late = late_fill_update(update)
     return [normal] if late is None else [late, normal]
+
+
+def takes(update: TaskUpdate) -> sa.ColumnElement[bool]:
+    """When a row takes ``update`` by the rule: unfinished and, for an update from the state
+    feed that is not terminal, not older than the newest feed entry the row has taken
+    (``_TAKES`` of the PostgreSQL statement)."""
+    position = update.feed_position
+    if position is None or update.state.terminal:
+        return not_terminal()
+    column = tasks.c[POSITION_FIELD]
+    return sa.and_(not_terminal(), sa.or_(column.is_(None), column < position))
 
 
 def not_terminal() -> sa.ColumnElement[bool]:

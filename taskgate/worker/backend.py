@@ -8,10 +8,12 @@ state feed (``RedisKeys.state_feed``, a Redis Stream trimmed to about
 acknowledges an entry only after its database write, so a state is never lost to a
 dropped pub/sub message, an expired key or a gateway that was down.
 
-Two more rules than Celery's own:
+Three more rules than Celery's own:
 
 - STARTED carries the worker's own start time (``result.start_time``, ISO-8601 UTC) and
   its heartbeat ``instance`` beside ``pid`` and ``hostname``;
+- every document carries ``"taskgate_feed": 1`` (``contract.FEED_MARK``): the gateways
+  write it from the feed alone, once, however many replicas receive its pub/sub copy;
 - a state that is not final never replaces a final one (SUCCESS, FAILURE, REVOKED) — Celery
   itself protects only SUCCESS — and a delivery the run-once guard skips writes no STARTED.
 
@@ -30,7 +32,7 @@ from celery.backends.redis import RedisBackend
 from kombu.utils.encoding import bytes_to_str
 
 from taskgate.worker import heartbeat
-from taskgate.worker.contract import STATE_FEED_MAXLEN, RedisKeys
+from taskgate.worker.contract import FEED_MARK, STATE_FEED_MAXLEN, RedisKeys
 from taskgate.worker.guard import app_key_prefix, is_skipped
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class FeedRedisBackend(_RedisBackend):  # type: ignore[misc]
                 result = {**result, "start_time": started, "instance": heartbeat.INSTANCE}
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)
+        meta[FEED_MARK] = 1  # this document is also in the feed (``_set``): see the contract
         current = self._get_task_meta_for(task_id)["status"]
         if current == states.SUCCESS or (current in states.READY_STATES and state not in states.READY_STATES):
             log.info("task_id=%s: %s not stored over the final %s", task_id, state, current)

@@ -78,6 +78,11 @@ STATE_FEED_GROUP = "taskgate-gateways"
 #: The feed keeps about this many entries (XADD ... MAXLEN ~): what a gateway down for
 #: longer than that many state changes finds only through its reconcile.
 STATE_FEED_MAXLEN = 1_000_000
+#: The key a ``FeedRedisBackend`` adds (value ``1``) to every result document it also appends
+#: to the state feed: a gateway that consumes the feed leaves such a document's pub/sub
+#: copy to the feed (whichever replica reads the entry writes it, once), and takes only a
+#: terminal state from such a document read from Redis. Celery ignores unknown keys.
+FEED_MARK = "taskgate_feed"
 #: Prefix of the per-worker heartbeat keys (see ``RedisKeys.worker_heartbeat``).
 WORKER_HEARTBEAT_PREFIX = "taskgate-worker-"
 

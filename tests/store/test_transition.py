@@ -138,3 +138,58 @@ def test_the_sequences_fill_terminal_records_in() -> None:
                 )
             record = after
     assert starts and progresses
+
+
+def _fed(update: TaskUpdate, position: int) -> TaskUpdate:
+    return dataclasses.replace(update, feed_position=position)
+
+
+async def test_a_feed_entry_older_than_one_taken_does_not_take_the_task_back(any_store: TaskStore) -> None:
+    # replicas write one task's feed entries out of order: its first progress (entry 300)
+    # before its STARTED (entry 100), a later progress (500) before an earlier one (400)
+    new = new_task()
+    await any_store.insert_batch([new])
+    task_id = new.task_id
+    started = TaskUpdate(task_id, TaskState.RUNNING, at(5), start_time=at(1), worker="celery@w")
+    progress = [
+        TaskUpdate(task_id, TaskState.RUNNING, at(6), progress=Progress(current, 4), start_time=at(6))
+        for current in (1.0, 3.0, 2.0)
+    ]
+    await any_store.apply_updates([_fed(progress[0], 300)])
+    await any_store.apply_updates([_fed(started, 100)])  # older: the start and worker only
+    record = await any_store.get(task_id)
+    assert record is not None and record.progress is not None
+    assert (record.state, record.progress.current, record.start_time) == (TaskState.RUNNING, 1.0, at(1))
+    assert (await _worker(any_store, task_id)) == "celery@w"
+    await any_store.apply_updates([_fed(progress[1], 500)])
+    await any_store.apply_updates([_fed(progress[2], 400)])  # older, and not further: ignored
+    record = await any_store.get(task_id)
+    assert record is not None and record.progress is not None and record.progress.current == 3.0
+    retry = TaskUpdate(task_id, TaskState.RETRYING, at(7), error=TaskError("E", "m", ""), retries=0)
+    await any_store.apply_updates([_fed(retry, 450)])  # older than 500: the task runs on
+    record = await any_store.get(task_id)
+    assert record is not None and (record.state, record.error) == (TaskState.RUNNING, None)
+    done = TaskUpdate(task_id, TaskState.SUCCEEDED, at(9), result=7, end_time=at(9))
+    await any_store.apply_updates([_fed(done, 200)])  # terminal: taken whatever its position
+    record = await any_store.get(task_id)
+    assert record is not None and (record.state, record.result) == (TaskState.SUCCEEDED, 7)
+    assert record.progress is not None and record.progress.current == 3.0
+
+
+async def test_updates_without_a_feed_position_are_taken_in_any_order(any_store: TaskStore) -> None:
+    # pub/sub and Redis reads carry no position: the rule alone, as before the feed
+    new = new_task()
+    await any_store.insert_batch([new])
+    task_id = new.task_id
+    await any_store.apply_updates(
+        [_fed(TaskUpdate(task_id, TaskState.RUNNING, at(5), progress=Progress(3, 4)), 900)]
+    )
+    await any_store.apply_updates([TaskUpdate(task_id, TaskState.RUNNING, at(6), progress=Progress(1, 4))])
+    record = await any_store.get(task_id)
+    assert record is not None and record.progress is not None and record.progress.current == 1.0
+
+
+async def _worker(store: TaskStore, task_id: str) -> str | None:
+    async with store.engine.connect() as conn:
+        worker: str | None = await conn.scalar(sa.select(tasks.c.worker).where(tasks.c.task_id == task_id))
+    return worker

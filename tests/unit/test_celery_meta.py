@@ -10,6 +10,7 @@ from kombu.utils.json import dumps
 
 from service.domain.model import Progress, TaskError, TaskState, TaskUpdate
 from service.results.document import parse_document, parse_payload
+from taskgate.worker.contract import FEED_MARK
 
 OBSERVED = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 DONE = datetime(2024, 1, 1, 11, 59, 30, 250000, tzinfo=UTC)
@@ -115,3 +116,10 @@ def test_parse_payload_decodes_kombu_json() -> None:
         retries=1,
         end_time=DONE,
     )
+
+
+def test_a_feed_workers_mark_is_read() -> None:
+    marked = parse(status="STARTED", result={"pid": 1}, **{FEED_MARK: 1})
+    assert marked is not None and marked.in_feed
+    plain = parse(status="STARTED", result={"pid": 1})
+    assert plain is not None and not plain.in_feed

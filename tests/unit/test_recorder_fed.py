@@ -65,3 +65,35 @@ async def test_a_fed_tasks_running_state_read_from_redis_is_left_to_the_feed() -
     recorder.record(TaskUpdate("b", TaskState.RUNNING, now))  # not fed: written
     await recorder.flush()
     assert [item for batch in store.batches for item in batch] == [("b", TaskState.RUNNING)]
+
+
+async def test_marked_documents_are_left_to_the_feed_on_every_replica() -> None:
+    # every replica receives every pub/sub message, while each feed entry goes to one of
+    # them: a document the worker marked (``in_feed``) is written by the feed alone, before
+    # this process's feed has read anything of the task
+    store = _Store()
+    recorder = Recorder(store, feed=True)  # type: ignore[arg-type]
+    now = dt.datetime.now(dt.UTC)
+    recorder.record_published(TaskUpdate("a", TaskState.RUNNING, now, in_feed=True))
+    recorder.record_published(TaskUpdate("a", TaskState.SUCCEEDED, now, in_feed=True))
+    recorder.record(TaskUpdate("b", TaskState.RUNNING, now, in_feed=True))  # a refresh: may be stale
+    recorder.record(TaskUpdate("c", TaskState.SUCCEEDED, now, in_feed=True))  # terminal: written
+    recorder.record_published(TaskUpdate("d", TaskState.RUNNING, now))  # unmarked (no feed): written
+    await recorder.flush()
+    assert sorted(item for batch in store.batches for item in batch) == [
+        ("c", TaskState.SUCCEEDED),
+        ("d", TaskState.RUNNING),
+    ]
+
+
+async def test_marked_documents_are_written_when_this_gateway_reads_no_feed() -> None:
+    store = _Store()
+    recorder = Recorder(store, feed=False)  # type: ignore[arg-type]
+    now = dt.datetime.now(dt.UTC)
+    recorder.record(TaskUpdate("a", TaskState.RUNNING, now, in_feed=True))
+    recorder.record_published(TaskUpdate("b", TaskState.RUNNING, now, in_feed=True))
+    await recorder.flush()
+    assert sorted(item for batch in store.batches for item in batch) == [
+        ("a", TaskState.RUNNING),
+        ("b", TaskState.RUNNING),
+    ]
