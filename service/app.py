@@ -325,7 +325,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     runtime = await Runtime.start(settings)
     if settings.metrics_listen:
         runtime.start_metrics()
-    watch = LoopWatch()  # stopped with the runtime's other loops
+    watch = LoopWatch(idle_interval=0.05)  # stopped with the runtime's other loops
     collector = GcPolicy(settings.gc_policy, quiet=lambda: runtime.hub.watcher_count == 0)
     runtime.loops.start("loopwatch", watch.run)
     runtime.loops.start("gc", collector.run)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.runtime.loopwatch import LoopWatch, StallStats
+from service.runtime.loopwatch import LoopWatch, StallStats, next_wait
 
 
 def test_empty_stats_report_zeros() -> None:
@@ -155,3 +155,11 @@ async def test_log_report_writes_one_line_and_resets(caplog: pytest.LogCaptureFi
     (line,) = [r.getMessage() for r in caplog.records if "since last report" in r.getMessage()]
     assert re.search(r"samples=\d+ p50_ms=[\d.]+ p99_ms=[\d.]+ max_ms=[\d.]+", line)
     assert watch.report().samples <= 1  # the window started again at the report
+
+
+def test_an_idle_loop_is_sampled_less_often() -> None:
+    # a period in which the loop's thread ran 1% of the time: idle, the long wait next;
+    # 20%: working, the short one (stalls are sampled every 5 ms again)
+    assert next_wait(0.005, 0.05, elapsed=0.05, cpu=0.0005) == 0.05
+    assert next_wait(0.005, 0.05, elapsed=0.005, cpu=0.001) == 0.005
+    assert LoopWatch(interval=0.005, idle_interval=0.001)._idle_interval == 0.005  # never below
