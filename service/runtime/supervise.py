@@ -12,6 +12,13 @@ outbox, health, the loop watch, the GC policy) runs as ``supervise(name, step)``
 - anything else: the traceback is logged, then the same backoff;
 - ``asyncio.CancelledError``: the loop ends (never swallowed).
 
+A cancel that a library swallows still ends the loop, after the round in hand: Python
+3.11's ``asyncio.wait_for`` returns its future's result instead of raising when the cancel
+lands as that future completes (fixed in 3.12; the broker inspector awaits its
+``query_task`` thread that way), so the loop would go on and a stopped gateway's recovery
+pass would keep deciding on the shared database. The task's ``cancelling()`` count still
+says a cancel was asked for, and is checked after every round.
+
 The backoff doubles from ``first`` up to ``cap`` seconds and resets after a round that
 returns normally.
 """
@@ -70,10 +77,18 @@ async def supervise(
         else:
             failures = 0
             wait = delay or 0.0
+        if _cancel_requested():
+            raise asyncio.CancelledError  # asked to stop, and the step lost the cancel (see above)
         if wait > 0:
             await asyncio.sleep(wait)
         elif failures == 0:
             await asyncio.sleep(0)  # a step that never suspends must not starve the loop
+
+
+def _cancel_requested() -> bool:
+    """Whether this task was asked to cancel and no one took the request back (``uncancel``)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Supervisor:

@@ -56,12 +56,19 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
 
 @asynccontextmanager
 async def gateway(settings: Settings) -> AsyncIterator[Runtime]:
+    """A gateway runtime on the session's database, stopped on leaving; every one of its
+    loops must have ended by then (WAIT at most): a recovery pass left running (a lost
+    cancel, see service/runtime/supervise.py) would go on deciding, with this test's catalog
+    and intervals, on the next tests' workers."""
     runtime = await Runtime.start(settings)
+    loops = [runtime.loops.task(name) for name in runtime.loops.names]
     try:
         yield runtime
     finally:
         runtime.hub.begin_shutdown()
         await runtime.stop()
+        _, running = await asyncio.wait(loops, timeout=WAIT)
+    assert not running, f"loops outlived Runtime.stop: {sorted(task.get_name() for task in running)}"
 
 
 async def wait_for(runtime: Runtime, task_id: str, *states: TaskState) -> TaskRecord:
