@@ -14,10 +14,11 @@ outbox, health, the loop watch, the GC policy) runs as ``supervise(name, step)``
 
 A cancel that a library swallows still ends the loop, after the round in hand: Python
 3.11's ``asyncio.wait_for`` returns its future's result instead of raising when the cancel
-lands as that future completes (fixed in 3.12; the broker inspector awaits its
-``query_task`` thread that way), so the loop would go on and a stopped gateway's recovery
-pass would keep deciding on the shared database. The task's ``cancelling()`` count still
-says a cancel was asked for, and is checked after every round.
+lands as that future completes (CPython gh-86296, fixed in 3.12). redis-py sends every
+command through it when the client has a ``socket_timeout`` (all of ours: ``small_pool``),
+and the broker inspector awaits its ``query_task`` thread that way; the loop then went on,
+and a stopped gateway's recovery pass kept deciding on the shared database. The task's
+``cancelling()`` count still says a cancel was asked for, and is checked after every round.
 
 The backoff doubles from ``first`` up to ``cap`` seconds and resets after a round that
 returns normally.
