@@ -59,8 +59,14 @@ def rpc(method: str, code: str | None = None) -> dict[str, str]:
 
 async def test_metrics_count_calls_codes_and_tasks(settings: Settings, worker: Path) -> None:
     port = free_port()
+    # with the state feed on, a state is counted by the replica that writes it (each feed
+    # entry goes to one consumer of the deployment's group: the sum over replicas counts it
+    # once), and the session's other gateways read the same feed: this one alone must
+    # write these tasks' states, from pub/sub
     async with (
-        gateway_process(settings, TASKGATE_METRICS_LISTEN=f"127.0.0.1:{port}") as gateway,
+        gateway_process(
+            settings, TASKGATE_METRICS_LISTEN=f"127.0.0.1:{port}", TASKGATE_STATE_FEED="0"
+        ) as gateway,
         aio.insecure_channel(gateway.target) as channel,
     ):
         stub = pb_grpc.TaskServiceStub(channel)
