@@ -13,9 +13,8 @@ nor filled in is not written at all.
 Updates from the state feed carry their entry's position in the stream (``feed_position``),
 and replicas may write a task's entries out of order: an unfinished row whose last feed
 position is newer than a non-terminal update's takes from it only what a terminal row would
-(the late fill-ins), plus, in PostgreSQL, its worker (a STARTED overtaken by its first
-progress still names the worker the recovery pass must watch; ``taskgate dev``'s single
-gateway never reads out of order).
+(the late fill-ins), plus its worker and the outbox fields (a STARTED overtaken by its first
+progress still names the worker the recovery pass must watch), in both store paths.
 """
 
 from __future__ import annotations
