@@ -282,10 +282,16 @@ def late_fill_update(update: TaskUpdate) -> sa.Update | None:
 def _stale(update: TaskUpdate) -> sa.ColumnElement[bool] | None:
     """When an unfinished row has taken a newer feed entry than ``update`` (None: ``update``
     is terminal or not from the feed, and cannot be older)."""
-    position = update.feed_position
-    if position is None or update.state.terminal:
+    position = _ordered_position(update)
+    if position is None:
         return None
     return sa.and_(not_terminal(), tasks.c[POSITION_FIELD] >= position)
+
+
+def _ordered_position(update: TaskUpdate) -> int | None:
+    """The feed position ``update`` is ordered by: None for an update not from the feed and
+    for a terminal one (always news: the rule keeps it from being overwritten)."""
+    return None if update.state.terminal else update.feed_position
 
 
 def portable_updates(update: TaskUpdate) -> list[sa.Update]:
@@ -304,8 +310,8 @@ def takes(update: TaskUpdate) -> sa.ColumnElement[bool]:
     """When a row takes ``update`` by the rule: unfinished and, for an update from the state
     feed that is not terminal, not older than the newest feed entry the row has taken
     (``_TAKES`` of the PostgreSQL statement)."""
-    position = update.feed_position
-    if position is None or update.state.terminal:
+    position = _ordered_position(update)
+    if position is None:
         return not_terminal()
     column = tasks.c[POSITION_FIELD]
     return sa.and_(not_terminal(), sa.or_(column.is_(None), column < position))
